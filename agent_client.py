@@ -1,0 +1,763 @@
+"""Upstream model client: one streamed OpenAI Responses API call per turn.
+
+This module owns everything between "the server wants a model answer" and
+"here are our own events": building the ``POST {base_url}/responses`` request,
+retrying what is safe to retry, reading the SSE stream through httpx-sse,
+mapping upstream events to the small event set below, and closing the upstream
+connection the moment the caller leaves the stream's context. It also owns the
+offline demo model (``DemoModelTransport``) and the pure helpers that
+synthesise a Responses API text stream (``text_response_events``,
+``encode_sse``), which the test fake upstream reuses.
+
+Our events (frozen dataclasses)::
+
+    ResponseStarted  response.created: the upstream response id, known early
+    TextDelta        response.output_text.delta, response.refusal.delta
+    ToolCall         response.output_item.done whose item is a function_call
+    Completed        response.completed                      (terminal)
+    Incomplete       response.incomplete                     (terminal)
+    Failed           error (nested or flat shape), response.failed (terminal)
+
+A stream yields exactly one terminal event, last; events after it are not read.
+
+Exception tree (``kind`` is a short machine-readable cause)::
+
+    UpstreamError                   kind "unavailable"; "connect" for a transport
+    |                               error after the stream began (never retried)
+    +-- UpstreamUnavailable         after all retries: "connect", "server_error" (5xx),
+    |                               "rate_limited" (429)
+    +-- UpstreamRejected            non-retryable 4xx, "rejected"; status_code, code
+    |   +-- PreviousResponseNotFound    previous_response_id unknown upstream: resend
+    |                                   the full history without it
+    +-- UpstreamProtocolError       "protocol": not SSE, not JSON, oversized event,
+    |                               stream ended with no terminal event
+    +-- UpstreamTimeout             "timeout": no bytes for idle_timeout_s
+
+Messages are for humans and never contain the API key: upstream error text is
+passed through ``_redact`` before it lands in an exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.utils
+import json
+import logging
+import random
+import re
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import httpx
+import httpx_sse
+import trio
+
+logger = logging.getLogger(__name__)
+
+# response.completed repeats the instructions, the tools and the whole output, so it
+# is the largest event a healthy stream sends; a 128k-token answer is ~0.5 MiB of
+# text. Anything past this is a broken or hostile upstream, and we refuse to buffer it.
+MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
+# Error bodies are short JSON; we only need error.code and error.message from them.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# Pace of the offline demo model: fast enough to be pleasant, slow enough to see
+# streaming (and to have something to stop).
+DEMO_WORD_INTERVAL_S = 0.04
+
+_PREVIOUS_NOT_FOUND_RE = re.compile(r"previous response with id .* not found", re.IGNORECASE)
+# OpenAI echoes (partly masked) keys in 401 messages; strip anything key-shaped.
+_KEY_LIKE_RE = re.compile(r"sk-[A-Za-z0-9_\-*]{4,}")
+
+
+# --- exceptions ---------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """The upstream could not give us a complete answer. See the module docstring."""
+
+    kind: str = "unavailable"
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if kind is not None:
+            self.kind = kind
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connect errors, 5xx or 429 persisted through every attempt."""
+
+    kind = "connect"
+
+    def __init__(
+        self, message: str, *, kind: str | None = None, status_code: int | None = None
+    ) -> None:
+        super().__init__(message, kind=kind)
+        self.status_code = status_code
+
+
+class UpstreamRejected(UpstreamError):
+    """A non-retryable 4xx; ``code`` is the upstream ``error.code`` when it sent one."""
+
+    kind = "rejected"
+
+    def __init__(self, message: str, *, status_code: int, code: str | None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+
+
+class PreviousResponseNotFound(UpstreamRejected):
+    """The upstream no longer knows ``previous_response_id``; resend the full history."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent something that is not a Responses API event stream."""
+
+    kind = "protocol"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream sent no bytes for ``idle_timeout_s``."""
+
+    kind = "timeout"
+
+
+# --- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    call_id: str
+    name: str
+    arguments: str  # raw JSON text, exactly as the model produced it
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    response_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Incomplete:
+    response_id: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    response_id: str | None
+    code: str | None
+    message: str
+
+
+AgentEvent = ResponseStarted | TextDelta | ToolCall | Completed | Incomplete | Failed
+_TERMINAL = (Completed, Incomplete, Failed)
+
+
+# --- pure decoding ------------------------------------------------------------
+
+
+def decode_event(data: str) -> AgentEvent | None:
+    """Map one SSE ``data:`` payload to our event; None for events we ignore.
+
+    Lenient: reads only the fields it uses, so unknown event types, unknown
+    fields and missing ``sequence_number``/``obfuscation``/``logprobs`` are fine.
+    Raises UpstreamProtocolError if ``data`` is not a JSON object, or if an event
+    we use lacks the field that carries its meaning (a delta without text).
+    """
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise UpstreamProtocolError(f"upstream event is not JSON: {_excerpt(data)}") from exc
+    if not isinstance(event, dict):
+        raise UpstreamProtocolError(f"upstream event is not a JSON object: {_excerpt(data)}")
+    kind = event.get("type")
+    if kind == "response.created":
+        response_id = _response(event).get("id")
+        if not isinstance(response_id, str):
+            raise UpstreamProtocolError("response.created without a response id")
+        return ResponseStarted(response_id)
+    if kind in ("response.output_text.delta", "response.refusal.delta"):
+        return TextDelta(_required_str(event, "delta", kind))
+    if kind == "response.output_item.done":
+        item = event.get("item")
+        if not isinstance(item, dict) or item.get("type") != "function_call":
+            return None
+        return ToolCall(
+            call_id=_required_str(item, "call_id", kind),
+            name=_required_str(item, "name", kind),
+            arguments=_required_str(item, "arguments", kind),
+        )
+    if kind == "response.completed":
+        return Completed(_response_id(event))
+    if kind == "response.incomplete":
+        details = _response(event).get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return Incomplete(_response_id(event), _str_or_none(reason))
+    if kind == "response.failed":
+        error = _response(event).get("error")
+        return _failed(_response_id(event), error if isinstance(error, dict) else {})
+    if kind == "error":
+        nested = event.get("error")
+        return _failed(None, nested if isinstance(nested, dict) else event)
+    return None
+
+
+def _response(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    response = event.get("response")
+    return response if isinstance(response, dict) else {}
+
+
+def _response_id(event: Mapping[str, Any]) -> str | None:
+    return _str_or_none(_response(event).get("id"))
+
+
+def _failed(response_id: str | None, error: Mapping[str, Any]) -> Failed:
+    message = _str_or_none(error.get("message")) or "upstream reported a failure"
+    return Failed(response_id, _str_or_none(error.get("code")), message)
+
+
+def _required_str(obj: Mapping[str, Any], key: str, kind: object) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise UpstreamProtocolError(f"{kind} event without a string {key!r}")
+    return value
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _excerpt(text: str, limit: int = 200) -> str:
+    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+
+
+class _EventSizeGuard:
+    """Bounds the bytes buffered for one SSE event (all its lines).
+
+    httpx-sse's line and event decoders buffer without limit, so the bytes go
+    through this guard before they reach them: at most MAX_SSE_EVENT_BYTES plus
+    one network chunk are ever buffered. A blank line (event boundary) is any
+    line terminator followed by another; the patterns below find every such
+    place, occasionally one that is not (which only makes the bound looser).
+    """
+
+    _BOUNDARIES = (b"\n\n", b"\r\r", b"\n\r")
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit_bytes = limit_bytes
+        self._pending_bytes = 0
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> None:
+        """Account for ``chunk``. Raises UpstreamProtocolError past the limit."""
+        window = self._carry + chunk
+        end = max(window.rfind(boundary) for boundary in self._BOUNDARIES)
+        if end >= 0:
+            self._pending_bytes = len(window) - (end + 2)
+        else:
+            self._pending_bytes += len(chunk)
+        self._carry = window[-1:]
+        if self._pending_bytes > self._limit_bytes:
+            raise UpstreamProtocolError(
+                f"upstream SSE event exceeds {self._limit_bytes} bytes without ending"
+            )
+
+
+class _GuardedSSEBody:
+    """The part of an httpx.Response that httpx_sse.EventSource reads, size-guarded.
+
+    ``aiter_text()`` decodes UTF-8 (the only SSE encoding) after every chunk has
+    passed the guard. It is a class, not an async generator, because httpx-sse
+    never closes the text iterator it is given and trio warns about every async
+    generator left to the garbage collector.
+    """
+
+    def __init__(
+        self, headers: httpx.Headers, chunks: AsyncIterator[bytes], guard: _EventSizeGuard
+    ) -> None:
+        self.headers = headers
+        self._chunks = chunks
+        self._guard = guard
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ended = False
+
+    def aiter_text(self) -> AsyncIterator[str]:
+        return self
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._ended:
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._ended = True
+                text = self._decoder.decode(b"", final=True)
+            else:
+                self._guard.feed(chunk)
+                text = self._decoder.decode(chunk)
+            if text:
+                return text
+        raise StopAsyncIteration
+
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    return _KEY_LIKE_RE.sub("sk-***", text)
+
+
+def _retry_after_s(headers: httpx.Headers) -> float | None:
+    """Seconds the upstream asked us to wait, from retry-after-ms or Retry-After."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+# --- the client ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResponseRequest:
+    """One Responses API call; ``input`` items and ``tools`` are in the API's own shape."""
+
+    input: list[dict[str, Any]]
+    instructions: str
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    store: bool = True
+
+
+class AgentClient:
+    """Streams Responses API answers over one pooled httpx.AsyncClient.
+
+    Resource handling: ``stream()`` holds one upstream HTTP response for the
+    duration of its ``async with``; leaving it (normally, by exception or by
+    cancellation) closes that response, and with it the TCP connection unless
+    the response was read to its end. ``aclose()`` closes the pool.
+
+    Error handling: everything the upstream can do wrong surfaces as an
+    UpstreamError subclass (see the module docstring); transport and decoding
+    exceptions from httpx never escape ``stream()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_attempts: int = 3,
+        backoff_base_s: float = 0.25,
+        retry_after_cap_s: float = 20.0,
+        connect_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self._url = base_url.rstrip("/") + "/responses"
+        self._api_key = api_key
+        self._model = model
+        self._max_attempts = max_attempts
+        self._backoff_base_s = backoff_base_s
+        self._retry_after_cap_s = retry_after_cap_s
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            headers=headers,
+            # The read timeout is httpx's per-read limit: exactly "no bytes for
+            # idle_timeout_s", both before the headers and between SSE chunks.
+            timeout=httpx.Timeout(
+                connect=connect_timeout_s,
+                read=idle_timeout_s,
+                write=connect_timeout_s,
+                pool=connect_timeout_s,
+            ),
+            # Every live turn holds a connection for its whole stream, so the pool
+            # must not cap concurrency; idle ones are kept for TLS reuse.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        """Close every pooled upstream connection."""
+        await self._http.aclose()
+
+    @asynccontextmanager
+    async def stream(self, request: ResponseRequest) -> AsyncIterator[AsyncIterator[AgentEvent]]:
+        """Start one streamed response; ``async with client.stream(req) as events``.
+
+        Entering sends the request, retrying connect errors, 5xx and 429 (up to
+        ``max_attempts`` tries, exponential backoff with jitter, Retry-After
+        honoured up to ``retry_after_cap_s``) before any event is yielded.
+        Raises UpstreamUnavailable when retries run out, UpstreamRejected (or
+        PreviousResponseNotFound) for other 4xx, UpstreamProtocolError for a
+        success that is not an event stream, UpstreamTimeout if no response
+        arrives within ``idle_timeout_s``.
+
+        Iterating yields our events and ends after the terminal one. Raises
+        UpstreamTimeout after ``idle_timeout_s`` of silence, UpstreamError with
+        kind "connect" if the connection breaks (not retried: events were
+        already delivered), UpstreamProtocolError for undecodable or oversized
+        events or a stream that ends with no terminal event.
+        """
+        response = await self._send_with_retries(request)
+        try:
+            async with aclosing(self._events(response)) as events:
+                yield events
+        finally:
+            # httpcore shields this close from cancellation, so a cancelled turn
+            # still drops the upstream connection here, not at garbage collection.
+            await response.aclose()
+
+    def _payload(self, request: ResponseRequest) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self._model,
+            "input": request.input,
+            "instructions": request.instructions,
+            "stream": True,
+            "store": request.store,
+        }
+        if request.previous_response_id is not None:
+            payload["previous_response_id"] = request.previous_response_id
+        if request.tools:
+            payload["tools"] = request.tools
+        return payload
+
+    async def _send_with_retries(self, request: ResponseRequest) -> httpx.Response:
+        payload = self._payload(request)
+        for attempt in range(1, self._max_attempts + 1):
+            last_attempt = attempt == self._max_attempts
+            try:
+                response = await self._http.send(
+                    self._http.build_request("POST", self._url, json=payload), stream=True
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure = UpstreamUnavailable(
+                    f"cannot connect to the upstream: {self._describe(exc)}", kind="connect"
+                )
+                if last_attempt:
+                    raise failure from exc
+                await self._wait_before_retry(attempt, failure, None)
+                continue
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout("upstream sent no response in time") from exc
+            except httpx.TransportError as exc:
+                raise UpstreamError(
+                    f"upstream connection failed: {self._describe(exc)}", kind="connect"
+                ) from exc
+
+            status = response.status_code
+            if status == 429 or status >= 500:
+                try:
+                    detail = await self._error_detail(response)
+                finally:
+                    await response.aclose()
+                failure = UpstreamUnavailable(
+                    f"upstream answered HTTP {status}: {detail[1]}",
+                    kind="rate_limited" if status == 429 else "server_error",
+                    status_code=status,
+                )
+                if last_attempt:
+                    raise failure
+                await self._wait_before_retry(attempt, failure, _retry_after_s(response.headers))
+                continue
+            if status >= 300:
+                try:
+                    code, message = await self._error_detail(response)
+                finally:
+                    await response.aclose()
+                cls = UpstreamRejected
+                if status in (400, 404) and (
+                    code == "previous_response_not_found" or _PREVIOUS_NOT_FOUND_RE.search(message)
+                ):
+                    cls = PreviousResponseNotFound
+                raise cls(
+                    f"upstream rejected the request with HTTP {status}: {message}",
+                    status_code=status,
+                    code=code,
+                )
+            content_type = response.headers.get("content-type", "")
+            if content_type.partition(";")[0].strip().lower() != "text/event-stream":
+                await response.aclose()
+                raise UpstreamProtocolError(
+                    f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
+                    " not text/event-stream"
+                )
+            return response
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _wait_before_retry(
+        self, attempt: int, failure: UpstreamError, retry_after_s: float | None
+    ) -> None:
+        if retry_after_s is not None:
+            delay_s = min(retry_after_s, self._retry_after_cap_s)
+        else:
+            # Full jitter spreads out the retries of many turns hit by one outage.
+            ceiling_s = min(self._backoff_base_s * 2 ** (attempt - 1), self._retry_after_cap_s)
+            delay_s = random.uniform(ceiling_s / 2, ceiling_s)
+        logger.warning(
+            "upstream attempt %d/%d failed (%s); retrying in %.2fs",
+            attempt,
+            self._max_attempts,
+            failure,
+            delay_s,
+        )
+        await trio.sleep(delay_s)
+
+    async def _error_detail(self, response: httpx.Response) -> tuple[str | None, str]:
+        """(error.code, redacted message) from a bounded read of an error body."""
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= MAX_ERROR_BODY_BYTES:
+                    break
+        except httpx.HTTPError:
+            pass  # the status code alone still tells the caller what happened
+        text = bytes(body[:MAX_ERROR_BODY_BYTES]).decode("utf-8", errors="replace")
+        code: str | None = None
+        message = text.strip()[:500] or response.reason_phrase
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            error = parsed.get("error")
+            if isinstance(error, dict):
+                code = _str_or_none(error.get("code")) or _str_or_none(error.get("type"))
+                message = _str_or_none(error.get("message")) or message
+        return code, _redact(message, self._api_key)
+
+    def _describe(self, exc: Exception) -> str:
+        return _redact(f"{type(exc).__name__}: {exc}", self._api_key)
+
+    async def _events(self, response: httpx.Response) -> AsyncGenerator[AgentEvent, None]:
+        # aiter_bytes() is an async generator (typed as a plain iterator); we close it
+        # ourselves so nothing is left for the garbage collector.
+        chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        body = _GuardedSSEBody(response.headers, chunks, _EventSizeGuard(MAX_SSE_EVENT_BYTES))
+        # EventSource reads only .headers and .aiter_text() from its "response".
+        source = httpx_sse.EventSource(cast(httpx.Response, body))
+        response_id: str | None = None
+        try:
+            async with aclosing(chunks), aclosing(source.aiter_sse()) as sse_events:
+                async for sse in sse_events:
+                    if not sse.data:
+                        continue  # keep-alive comments and empty events carry nothing
+                    event = decode_event(sse.data)
+                    if isinstance(event, ResponseStarted):
+                        response_id = event.response_id
+                    elif isinstance(event, _TERMINAL):
+                        # The error event carries no response id; we know it by now.
+                        if event.response_id is None:
+                            event = replace(event, response_id=response_id)
+                        yield event
+                        return
+                    if event is not None:
+                        yield event
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("upstream went silent mid-stream") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(
+                f"upstream connection broke mid-stream: {self._describe(exc)}", kind="connect"
+            ) from exc
+        except httpx.DecodingError as exc:
+            raise UpstreamProtocolError(
+                f"upstream body could not be decoded: {self._describe(exc)}"
+            ) from exc
+        raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
+
+# --- synthetic streams: the demo model and the test fake share these ----------
+
+
+def encode_sse(event: Mapping[str, Any]) -> bytes:
+    """Frame one event the way the real upstream does: ``event:`` line, compact JSON."""
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+
+
+def text_response_events(
+    response_id: str, model: str, text_chunks: list[str], *, created_at: int = 0
+) -> list[dict[str, Any]]:
+    """The full event sequence of a one-message text answer, shaped like the recordings.
+
+    Pure: ids derive from ``response_id``; pass ``created_at`` for a real timestamp.
+    """
+    item_id = "msg_" + response_id.removeprefix("resp_")
+    text = "".join(text_chunks)
+    part_done = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    item_done = {
+        "id": item_id,
+        "type": "message",
+        "status": "completed",
+        "content": [part_done],
+        "role": "assistant",
+    }
+    place = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+    def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": response_id,
+            "object": "response",
+            "created_at": created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "model": model,
+            "output": output,
+            "previous_response_id": None,
+            "store": True,
+            "usage": None
+            if status == "in_progress"
+            else {"input_tokens": 0, "output_tokens": len(text_chunks)},
+        }
+
+    bodies: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response("in_progress", [])},
+        {"type": "response.in_progress", "response": response("in_progress", [])},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item_done, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **place, "part": {**part_done, "text": ""}},
+        *(
+            {"type": "response.output_text.delta", **place, "delta": chunk, "logprobs": []}
+            for chunk in text_chunks
+        ),
+        {"type": "response.output_text.done", **place, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **place, "part": part_done},
+        {"type": "response.output_item.done", "output_index": 0, "item": item_done},
+        {"type": "response.completed", "response": response("completed", [item_done])},
+    ]
+    return [
+        {"type": body["type"], "sequence_number": number, **body}
+        for number, body in enumerate(bodies)
+    ]
+
+
+def last_user_text(items: object) -> str:
+    """Text of the last user message in a Responses API ``input`` (string or items)."""
+    if isinstance(items, str):
+        return items
+    if not isinstance(items, list):
+        return ""
+    for item in reversed(items):
+        if not isinstance(item, dict) or item.get("role") != "user":
+            continue
+        content = item.get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "".join(
+                part["text"]
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+    return ""
+
+
+class _PacedSSEStream(httpx.AsyncByteStream):
+    """Encodes events on demand, pausing before each text delta.
+
+    An iterator object rather than an async generator, so a reader that stops
+    early (a stopped turn) leaves nothing for trio's garbage-collection warning.
+    """
+
+    def __init__(self, events: list[dict[str, Any]], word_interval_s: float) -> None:
+        self._events = iter(events)
+        self._word_interval_s = word_interval_s
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        event = next(self._events, None)
+        if event is None:
+            raise StopAsyncIteration
+        if event["type"] == "response.output_text.delta":
+            await trio.sleep(self._word_interval_s)
+        return encode_sse(event)
+
+
+class DemoModelTransport(httpx.AsyncBaseTransport):
+    """Offline demo model for running the server without an API key.
+
+    Answers ``POST .../responses`` with a streamed, correctly shaped Responses
+    API text answer that echoes the last user message and says it is a demo.
+    Anything else gets a 404 JSON error, as the real API would.
+    """
+
+    def __init__(self, *, word_interval_s: float = DEMO_WORD_INTERVAL_S) -> None:
+        self._word_interval_s = word_interval_s
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or not request.url.path.endswith("/responses"):
+            return httpx.Response(
+                404, json={"error": {"code": "not_found", "message": "demo model: no such route"}}
+            )
+        try:
+            body = json.loads(await request.aread())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return httpx.Response(
+                400, json={"error": {"code": "invalid_json", "message": "body is not JSON"}}
+            )
+        said = last_user_text(body.get("input")).strip() or "(nothing)"
+        if len(said) > 200:
+            said = said[:200] + "…"
+        text = (
+            f"**(offline demo model)** You said: «{said}».\n\n"
+            "Set `OPENAI_API_KEY` or `--upstream-url` to talk to a *real* model."
+        )
+        events = text_response_events(
+            f"resp_demo_{secrets.token_hex(12)}",
+            str(body.get("model", "demo")),
+            re.findall(r"\s*\S+", text),
+            created_at=int(time.time()),
+        )
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            stream=_PacedSSEStream(events, self._word_interval_s),
+        )

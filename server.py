@@ -1,0 +1,1339 @@
+"""The chat server: command line, HTTP front, WebSocket connections and turns.
+
+Architecture (one process, one trio event loop)::
+
+    ChatServer.serve            listeners, the connection registry, graceful shutdown
+    └── _handle_stream          one per TCP connection: read the HTTP head (h11)
+        ├── plain HTTP          /healthz, /metrics, /, else 404
+        └── WebSocket upgrade   handed to trio-websocket over a replaying stream
+            └── ChatConnection.run          one nursery per connection
+                ├── _receive_loop           parse frames, queue messages, stop, tools
+                ├── _send_loop              the only writer; drains the bounded Outbox
+                ├── _heartbeat_loop         JSON ping + ping frame, drops silent peers
+                ├── _expiry_watch           closes with 4001 when the token expires
+                └── _turn_loop              one turn at a time, each in its own cancel scope
+
+`stop` is `turn_scope.cancel()`: the upstream request lives inside that scope and
+is closed with it. Disconnect, takeover and shutdown cancel the connection's
+nursery; the turn then stores its partial answer as `interrupted` in a shielded,
+time-boxed write.
+
+Error handling: every failure inside one connection ends that connection only
+(logged, close 1011); the server keeps serving. Contract errors are the
+`protocol.ChatError` tree, mapped to frames and close codes in `_send_error` and
+`_close_code_for`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import ssl
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import jwt
+import trio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+import protocol as wire
+from agent_client import (
+    AgentClient,
+    AgentEvent,
+    Completed,
+    DemoModelTransport,
+    Failed,
+    Incomplete,
+    PreviousResponseNotFound,
+    ResponseRequest,
+    ResponseStarted,
+    TextDelta,
+    ToolCall,
+    UpstreamError,
+)
+from store import SessionStore, StoredMessage, ToolCallRecord
+
+log = logging.getLogger("chat")
+
+DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
+DEFAULT_INSTRUCTIONS = (
+    "You are a helpful, friendly support agent. Answer clearly and concisely. "
+    "When you need information only the user or their device has, use the tools you are given."
+)
+
+# A client gets this long to send its HTTP request head; slowloris peers are dropped.
+HANDSHAKE_TIMEOUT_S = 10.0
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+# How long one frame may wait for a client that does not read before it is dropped.
+SEND_TIMEOUT_S = 20.0
+# Closing handshake: a peer that does not answer our close frame is cut off after this.
+CLOSE_TIMEOUT_S = 2.0
+# Writes that must happen while the connection is being torn down (shielded).
+FINAL_WRITE_TIMEOUT_S = 5.0
+# Frames waiting for a slow client, in characters; past it the client is dropped (1008).
+MAX_OUTBOX_CHARS = 8 * 1024 * 1024
+MAX_TOKEN_BYTES = 8 * 1024
+# trio-websocket's own queue of received messages; backpressure beyond it.
+WS_MESSAGE_QUEUE_SIZE = 16
+
+
+# =========================================================================== configuration
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server reads from flags and the environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    db_path: str = "./chat.db"
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    insecure_dev: bool = False
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    api_key: str | None = None
+    model: str = "gpt-4.1"
+    instructions: str = DEFAULT_INSTRUCTIONS
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    upstream_store: bool = True
+    heartbeat_interval_s: float = 30.0
+    heartbeat_timeout_s: float = 10.0
+    max_frame_bytes: int = 64 * 1024
+    max_content_chars: int = 10_000
+    max_connections: int = 10_000
+    max_connections_per_user: int = 5
+    rate_limit_messages: int = 30
+    rate_limit_window_s: float = 60.0
+    max_queue: int = 8
+    tool_timeout_s: float = 120.0
+    upstream_idle_timeout_s: float = 60.0
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    shutdown_grace_s: float = 5.0
+
+    @property
+    def uses_demo_model(self) -> bool:
+        """No key and no custom upstream: serve the offline demo model."""
+        return self.api_key is None and self.upstream_url == DEFAULT_UPSTREAM_URL
+
+
+class ConfigError(Exception):
+    """The configuration cannot run; the message says which setting and why."""
+
+
+class _ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+def load_tools(path: str) -> list[dict[str, Any]]:
+    """Read a tools file: a JSON list of {name, description, parameters}. Returns them as
+    Responses API function tools. Raises ConfigError naming the bad entry."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"tools file {path}: cannot read JSON ({exc})") from None
+    if not isinstance(entries, list):
+        raise ConfigError(f"tools file {path}: must be a JSON list of tools")
+    tools: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        try:
+            spec = _ToolSpec.model_validate(entry)
+        except ValidationError as exc:
+            problem = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "entry"
+            label = entry.get("name") if isinstance(entry, dict) else None
+            raise ConfigError(
+                f"tools file {path}: tool #{index} ({label or 'unnamed'}): "
+                f"{where}: {problem['msg']}"
+            ) from None
+        if spec.parameters.get("type") != "object":
+            raise ConfigError(
+                f"tools file {path}: tool #{index} ({spec.name}): parameters must be a JSON "
+                'schema with "type": "object"'
+            )
+        if spec.name in seen:
+            raise ConfigError(f"tools file {path}: tool #{index}: duplicate name {spec.name!r}")
+        seen.add(spec.name)
+        tool: dict[str, Any] = {"type": "function", **spec.model_dump(exclude_none=True)}
+        tools.append(tool)
+    return tools
+
+
+# =========================================================================== auth
+
+
+class TokenVerifier:
+    """Checks JWTs: signature, `exp`, a `sub`, and an algorithm allow-list (never `none`)."""
+
+    def __init__(self, *, secret: str | None, public_key_pem: str | None) -> None:
+        self._keys: dict[str, Any] = {}
+        if secret:
+            self._keys["HS256"] = secret
+        if public_key_pem:
+            self._keys["RS256"] = public_key_pem
+            self._keys["ES256"] = public_key_pem
+
+    def verify(self, token: str | None) -> tuple[str, float | None]:
+        """Return (user id, expiry as a UNIX time or None). Raises Unauthorized."""
+        if not token or len(token) > MAX_TOKEN_BYTES:
+            raise wire.Unauthorized()
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
+            if key is None:
+                raise wire.Unauthorized()
+            claims = jwt.decode(token, key, algorithms=[algorithm], options={"require": ["sub"]})
+        except jwt.PyJWTError:
+            raise wire.Unauthorized() from None
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise wire.Unauthorized()
+        expiry = claims.get("exp")
+        return subject, float(expiry) if isinstance(expiry, int | float) else None
+
+
+def issue_token(secret: str, subject: str, ttl_s: int) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": subject, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+
+
+# =========================================================================== HTTP front
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(urlsplit(self.target).query)
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return self.headers.get("upgrade", "").lower() == "websocket"
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A stream that first returns bytes already read from `inner`, then reads on.
+
+    The HTTP head is read before we know whether the request is a WebSocket upgrade;
+    trio-websocket must see those bytes again to do the handshake itself.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, already_read: bytes) -> None:
+        self._inner = inner
+        self._replay = already_read
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._replay:
+            size = len(self._replay) if max_bytes is None else max_bytes
+            chunk, self._replay = self._replay[:size], self._replay[size:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def _read_request_head(stream: trio.abc.Stream) -> tuple[RequestHead, bytes] | None:
+    """Read until a full request head. Returns it and every byte read, or None if the
+    peer closed or sent something that is not HTTP/1.1 or is too large."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+    raw = bytearray()
+    while True:
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        if isinstance(event, h11.Request):
+            headers = {
+                name.decode("latin-1").lower(): value.decode("latin-1")
+                for name, value in event.headers
+            }
+            head = RequestHead(event.method.decode(), event.target.decode("latin-1"), headers)
+            return head, bytes(raw)
+        if event is not h11.NEED_DATA:
+            return None
+        data = await stream.receive_some(4096)
+        if not data:
+            return None
+        raw += data
+        parser.receive_data(data)
+
+
+async def _answer_http(
+    stream: trio.abc.Stream, status: int, body: bytes, content_type: str
+) -> None:
+    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}.get(status, b"")
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+        b"cache-control: no-store\r\nconnection: close\r\n\r\n"
+        % (status, reason, content_type.encode(), len(body))
+    )
+    with trio.move_on_after(SEND_TIMEOUT_S):
+        await stream.send_all(head + body)
+
+
+HttpAnswer = tuple[int, bytes, str]
+HttpRoute = Callable[[], Awaitable[HttpAnswer]]
+
+
+# =========================================================================== per-connection
+
+
+class Outbox:
+    """Frames waiting for the one sender task, bounded in characters.
+
+    While the client lags, consecutive `text_delta`s of one turn are merged into one
+    frame (the concatenated text is exactly the same), so a slow reader costs one
+    growing string, not a frame per token. Raises SlowConsumer past MAX_OUTBOX_CHARS.
+    """
+
+    def __init__(self, max_chars: int = MAX_OUTBOX_CHARS) -> None:
+        self._frames: deque[wire.ServerFrame] = deque()
+        self._chars = 0
+        self._max_chars = max_chars
+        self._ready = trio.Event()
+
+    def put(self, frame: wire.ServerFrame) -> None:
+        size = _frame_weight(frame)
+        if self._chars + size > self._max_chars:
+            raise wire.SlowConsumer()
+        last = self._frames[-1] if self._frames else None
+        if (
+            isinstance(frame, wire.TextDeltaFrame)
+            and isinstance(last, wire.TextDeltaFrame)
+            and last.turn_id == frame.turn_id
+        ):
+            self._frames[-1] = wire.TextDeltaFrame(
+                turn_id=frame.turn_id, content=last.content + frame.content
+            )
+        else:
+            self._frames.append(frame)
+        self._chars += size
+        self._ready.set()
+
+    async def take(self) -> wire.ServerFrame:
+        while not self._frames:
+            self._ready = trio.Event()
+            await self._ready.wait()
+        frame = self._frames.popleft()
+        self._chars -= _frame_weight(frame)
+        return frame
+
+
+def _frame_weight(frame: wire.ServerFrame) -> int:
+    if isinstance(frame, wire.TextDeltaFrame):
+        return 64 + len(frame.content)
+    if isinstance(frame, wire.HistoryReply):
+        return 64 + sum(128 + len(entry.content) for entry in frame.messages)
+    return 256
+
+
+class RateLimiter:
+    """A token bucket: `capacity` messages, refilled evenly over `window_s`."""
+
+    def __init__(self, capacity: int, window_s: float) -> None:
+        self._capacity = float(capacity)
+        self._tokens = float(capacity)
+        self._refill_per_s = capacity / window_s
+        self._updated = trio.current_time()
+
+    def take(self) -> None:
+        """Spend one token. Raises RateLimited if none is left."""
+        now = trio.current_time()
+        self._tokens = min(
+            self._capacity, self._tokens + (now - self._updated) * self._refill_per_s
+        )
+        self._updated = now
+        if self._tokens < 1.0:
+            raise wire.RateLimited()
+        self._tokens -= 1.0
+
+
+@dataclass
+class QueuedTurn:
+    """An accepted message waiting for (or running) its turn; `scope` is the turn's
+    cancel scope, made at once so that a `stop` can reach a turn about to start."""
+
+    message: StoredMessage
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+@dataclass
+class PendingToolCall:
+    record: ToolCallRecord
+    answered: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class TurnState:
+    """What one turn has produced so far; stored when the turn ends, whatever the end."""
+
+    turn_id: str
+    message: StoredMessage
+    parts: list[str] = field(default_factory=list)
+    response_id: str | None = None
+    status: wire.TurnStatus = "failed"
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class _TurnFailed(Exception):
+    """The upstream ended the turn with an error (after retries, or mid-stream)."""
+
+
+TOOL_TIMEOUT_OUTPUT = "Error: the tool did not answer in time (timed out). Continue without it."
+TOOL_CANCELLED_OUTPUT = "Error: the turn ended before the tool answered."
+TOOL_BAD_ARGUMENTS_OUTPUT = "Error: the arguments were not a valid JSON object; call again."
+
+
+class ChatConnection:
+    """One authenticated WebSocket on one session.
+
+    Resource handling: `run` owns a nursery holding the receiver, sender, heartbeat,
+    expiry and turn tasks; it returns when any of them ends the connection, after the
+    running turn (if any) has been stored, and then closes the socket with the code
+    that ended it. `close(error)` may be called from anywhere, any number of times:
+    the first reason wins.
+    """
+
+    def __init__(
+        self,
+        server: ChatServer,
+        ws: WebSocketConnection,
+        *,
+        session_id: str,
+        user_id: str,
+        token_expiry: float | None,
+        resumed: bool,
+        history_length: int,
+    ) -> None:
+        self.server = server
+        self.config = server.config
+        self.ws = ws
+        self.session_id = session_id
+        self.user_id = user_id
+        self.token_expiry = token_expiry
+        self.resumed = resumed
+        self.history_length = history_length
+        self.finished = trio.Event()
+        self._outbox = Outbox()
+        self._queue: deque[QueuedTurn] = deque()
+        self._queue_changed = trio.Event()
+        self._running: QueuedTurn | None = None
+        self._pending_calls: dict[str, PendingToolCall] = {}
+        self._activity = trio.Event()
+        self._rate = RateLimiter(self.config.rate_limit_messages, self.config.rate_limit_window_s)
+        self._nursery: trio.Nursery | None = None
+        self._close_error: wire.CloseError | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._close_error is not None:  # closed (taken over) before it started
+                    nursery.cancel_scope.cancel()
+                self.send(
+                    wire.Connected(
+                        session_id=self.session_id,
+                        user_id=self.user_id,
+                        timestamp=wire.utc_timestamp(),
+                        resumed=self.resumed,
+                        history_length=self.history_length,
+                    )
+                )
+                nursery.start_soon(self._send_loop)
+                nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._turn_loop)
+                if self.token_expiry is not None:
+                    nursery.start_soon(self._expiry_watch, self.token_expiry)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _close_websocket(self.ws, self._close_error or _NormalClose())
+                self.finished.set()
+
+    @property
+    def close_code(self) -> int:
+        return self._close_error.close_code if self._close_error else 1000
+
+    def close(self, error: wire.CloseError) -> None:
+        """End the connection with `error`'s close code (first call wins)."""
+        if self._close_error is None:
+            self._close_error = error
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def send(self, frame: wire.ServerFrame) -> None:
+        """Queue one frame for the client. Never blocks; a client too far behind is closed."""
+        try:
+            self._outbox.put(frame)
+        except wire.SlowConsumer as exc:
+            log.warning("session %s: client not reading, closing", self.session_id)
+            self.close(exc)
+
+    def _send_error(self, error: wire.FrameError) -> None:
+        self.send(error.to_frame())
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _send_loop(self) -> None:
+        while True:
+            frame = await self._outbox.take()
+            text = wire.encode(frame)
+            with trio.move_on_after(SEND_TIMEOUT_S) as timeout:
+                try:
+                    await self.ws.send_message(text)
+                except ConnectionClosed:
+                    self.close(_PeerGone())
+                    return
+            if timeout.cancelled_caught:
+                self.close(wire.SlowConsumer())
+                return
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                raw = await self.ws.get_message()
+            except ConnectionClosed as closed:
+                too_large = closed.reason is not None and closed.reason.code == 1009
+                self.close(wire.FrameTooLarge() if too_large else _PeerGone())
+                return
+            self._activity.set()
+            try:
+                await self._dispatch(wire.parse_client_frame(raw))
+            except wire.FrameError as error:
+                self._send_error(error)
+
+    async def _dispatch(self, frame: wire.ClientFrame) -> None:
+        if isinstance(frame, wire.UserMessage):
+            await self._accept_message(frame)
+        elif isinstance(frame, wire.StopRequest):
+            self._stop()
+        elif isinstance(frame, wire.ClientPing):
+            self.send(wire.ServerPong(timestamp=wire.utc_timestamp()))
+        elif isinstance(frame, wire.ToolResponse):
+            self._answer_tool(frame)
+        elif isinstance(frame, wire.HistoryRequest):
+            self._rate.take()
+            messages = await self.server.store.history(self.session_id, frame.limit)
+            self.send(wire.HistoryReply(messages=[_history_entry(m) for m in messages]))
+        # ClientPong: its arrival already counted as activity for the heartbeat.
+
+    async def _accept_message(self, frame: wire.UserMessage) -> None:
+        if len(frame.content) > self.config.max_content_chars:
+            raise wire.MessageTooLarge(
+                f"The message has {len(frame.content)} characters; the limit is "
+                f"{self.config.max_content_chars}."
+            )
+        self._rate.take()
+        if len(self._queue) >= self.config.max_queue:
+            raise wire.QueueFull()
+        message = await self.server.store.add_user_message(
+            self.session_id, frame.content, client_message_id=frame.id, metadata=frame.metadata
+        )
+        self._queue.append(QueuedTurn(message))
+        self._queue_changed.set()
+
+    def _stop(self) -> None:
+        # Queued messages stay in history (they were committed on arrival) and so are
+        # context for the next turn; only their turns are dropped. When no turn runs
+        # yet, the first queued one is about to start: it starts cancelled, so its
+        # sender still gets a response_end (status stopped) for it.
+        starting = self._queue[0] if self._running is None and self._queue else None
+        self._queue.clear()
+        for turn in (self._running, starting):
+            if turn is not None:
+                turn.scope.cancel()
+        if starting is not None:
+            self._queue.append(starting)
+
+    def _answer_tool(self, frame: wire.ToolResponse) -> None:
+        pending = self._pending_calls.pop(frame.call_id, None)
+        if pending is None:
+            raise wire.UnknownCallId(f"No tool request is waiting for call_id {frame.call_id!r}.")
+        pending.record.output = frame.content
+        pending.record.status = "completed"
+        pending.answered.set()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        timeout = self.config.heartbeat_timeout_s
+        while True:
+            await trio.sleep(interval)
+            self._activity = trio.Event()
+            self.send(wire.ServerPing(timestamp=wire.utc_timestamp()))
+            with trio.move_on_after(timeout) as deadline:
+                async with trio.open_nursery() as race:
+                    race.start_soon(self._await_pong, race.cancel_scope)
+                    await self._activity.wait()
+                    race.cancel_scope.cancel()
+            if deadline.cancelled_caught:
+                log.info("session %s: no heartbeat answer, closing", self.session_id)
+                self.close(_HeartbeatTimeout())
+                return
+
+    async def _await_pong(self, race: trio.CancelScope) -> None:
+        try:
+            await self.ws.ping()
+        except ConnectionClosed:
+            self.close(_PeerGone())
+        race.cancel()
+
+    async def _expiry_watch(self, expiry: float) -> None:
+        await trio.sleep(max(0.0, expiry - time.time()))
+        log.info("session %s: token expired, closing", self.session_id)
+        self.close(wire.Unauthorized("token expired"))
+
+    async def _turn_loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._queue_changed = trio.Event()
+                await self._queue_changed.wait()
+            self._running = self._queue.popleft()
+            try:
+                await self._run_turn(self._running)
+            finally:
+                self._running = None
+
+    # ------------------------------------------------------------------ turns
+
+    async def _run_turn(self, queued: QueuedTurn) -> None:
+        message = queued.message
+        turn = TurnState(turn_id=f"turn_{uuid.uuid4().hex}", message=message)
+        self.send(wire.Typing(is_typing=True))
+        self.send(wire.ResponseStart(turn_id=turn.turn_id, message_id=message.client_message_id))
+        try:
+            with queued.scope as scope:
+                try:
+                    await self._converse(turn)
+                except (UpstreamError, _TurnFailed) as exc:
+                    log.warning("session %s: upstream failed: %s", self.session_id, exc)
+                    turn.status = "failed"
+                    self._send_error(wire.UpstreamFailed(turn_id=turn.turn_id))
+            if scope.cancelled_caught:
+                turn.status = "stopped"
+        except BaseException:
+            # Disconnect, takeover or shutdown: the partial answer is stored all the same.
+            turn.status = "interrupted"
+            with trio.CancelScope(shield=True):
+                await self._store_turn(turn)
+            raise
+        finally:
+            self._pending_calls.clear()
+        try:
+            await self._store_turn(turn)
+        except wire.StorageUnavailable as error:
+            self._send_error(error)
+        self.send(
+            wire.ResponseEnd(
+                turn_id=turn.turn_id,
+                full_content=turn.text,
+                status=turn.status,
+                response_id=turn.response_id,
+            )
+        )
+        self.send(wire.Typing(is_typing=False))
+
+    async def _store_turn(self, turn: TurnState) -> None:
+        for call in turn.tool_calls:
+            if call.status == "pending":
+                call.output, call.status = TOOL_CANCELLED_OUTPUT, turn.status
+        with trio.move_on_after(FINAL_WRITE_TIMEOUT_S):
+            await self.server.store.finish_turn(
+                self.session_id,
+                reply_to=turn.message.id,
+                turn_id=turn.turn_id,
+                content=turn.text,
+                status=turn.status,
+                response_id=turn.response_id,
+                tool_calls=turn.tool_calls,
+            )
+
+    async def _converse(self, turn: TurnState) -> None:
+        """Stream upstream responses until the model is done, answering tool calls
+        between rounds. Raises UpstreamError or _TurnFailed."""
+        request = await self._first_request()
+        while True:
+            try:
+                calls = await self._stream_round(turn, request)
+            except PreviousResponseNotFound:
+                if request.previous_response_id is None or turn.parts:
+                    raise
+                # The upstream forgot the chain (expired or another project): resend history.
+                log.info("session %s: previous response unknown upstream", self.session_id)
+                request = await self._full_history_request()
+                continue
+            if not calls:
+                return
+            outputs = await self._resolve_tool_calls(turn, calls)
+            request = self._tool_output_request(turn, request, calls, outputs)
+
+    async def _first_request(self) -> ResponseRequest:
+        if self.config.upstream_store:
+            chain = await self.server.store.chain_point(self.session_id)
+            if chain.previous_response_id is not None:
+                return self._request(_input_items(chain.after), chain.previous_response_id)
+        return await self._full_history_request()
+
+    async def _full_history_request(self) -> ResponseRequest:
+        history = await self.server.store.full_history(self.session_id)
+        return self._request(_input_items(history), None)
+
+    def _request(self, items: list[dict[str, Any]], previous: str | None) -> ResponseRequest:
+        return ResponseRequest(
+            input=items,
+            instructions=self.config.instructions,
+            previous_response_id=previous,
+            tools=self.config.tools,
+            store=self.config.upstream_store,
+        )
+
+    def _tool_output_request(
+        self,
+        turn: TurnState,
+        request: ResponseRequest,
+        calls: list[ToolCall],
+        outputs: list[dict[str, Any]],
+    ) -> ResponseRequest:
+        if self.config.upstream_store:
+            return self._request(outputs, turn.response_id)
+        # Without upstream storage nothing can be chained: resend this round's input
+        # with what the model said and asked, then the outputs.
+        said = [_assistant_item(turn.text)] if turn.text else []
+        asked = [_function_call_item(c.call_id, c.name, c.arguments) for c in calls]
+        return replace(request, input=[*request.input, *said, *asked, *outputs])
+
+    async def _stream_round(self, turn: TurnState, request: ResponseRequest) -> list[ToolCall]:
+        calls: list[ToolCall] = []
+        async with self.server.agent.stream(request) as events:
+            async for event in events:
+                self._on_event(turn, event, calls)
+        return calls
+
+    def _on_event(self, turn: TurnState, event: AgentEvent, calls: list[ToolCall]) -> None:
+        if isinstance(event, TextDelta):
+            if event.text:
+                turn.parts.append(event.text)
+                self.send(wire.TextDeltaFrame(turn_id=turn.turn_id, content=event.text))
+        elif isinstance(event, ToolCall):
+            calls.append(event)
+        elif isinstance(event, ResponseStarted):
+            turn.response_id = event.response_id
+        elif isinstance(event, Completed):
+            turn.response_id = event.response_id or turn.response_id
+            turn.status = "completed"
+        elif isinstance(event, Incomplete):
+            turn.response_id = event.response_id or turn.response_id
+            turn.status = "incomplete"
+        elif isinstance(event, Failed):
+            turn.response_id = event.response_id or turn.response_id
+            raise _TurnFailed(f"upstream error {event.code or 'unknown'}")
+
+    async def _resolve_tool_calls(
+        self, turn: TurnState, calls: list[ToolCall]
+    ) -> list[dict[str, Any]]:
+        """Send a tool_request per call and wait (up to --tool-timeout) for the answers.
+        Returns one function_call_output item per call, in call order."""
+        pending: list[PendingToolCall] = []
+        for call in calls:
+            record = ToolCallRecord(call.call_id, call.name, call.arguments)
+            turn.tool_calls.append(record)
+            arguments = _parse_arguments(call.arguments)
+            if arguments is None:
+                record.output, record.status = TOOL_BAD_ARGUMENTS_OUTPUT, "failed"
+                continue
+            waiting = PendingToolCall(record)
+            self._pending_calls[call.call_id] = waiting
+            pending.append(waiting)
+            self.send(
+                wire.ToolRequest(
+                    turn_id=turn.turn_id, call_id=call.call_id, name=call.name, arguments=arguments
+                )
+            )
+        with trio.move_on_after(self.config.tool_timeout_s):
+            for waiting in pending:
+                await waiting.answered.wait()
+        for waiting in pending:
+            if not waiting.answered.is_set():
+                self._pending_calls.pop(waiting.record.call_id, None)
+                waiting.record.output, waiting.record.status = TOOL_TIMEOUT_OUTPUT, "failed"
+        return [_function_output_item(record) for record in turn.tool_calls[-len(calls) :]]
+
+
+class _NormalClose(wire.CloseError):
+    close_code = 1000
+    message = "normal closure"
+
+
+class _PeerGone(wire.CloseError):
+    """The client closed or vanished; there is nobody to send a close frame to."""
+
+    close_code = 1000
+    message = "peer gone"
+
+
+class _HeartbeatTimeout(wire.CloseError):
+    close_code = 1001
+    message = "heartbeat timeout"
+
+
+async def _close_websocket(ws: WebSocketConnection, error: wire.CloseError) -> None:
+    """Send the close frame, time-boxed: a silent peer does not hold us. The caller
+    that owns the TCP stream closes it afterwards either way."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        await ws.aclose(error.close_code, error.detail[:120])
+
+
+def _parse_arguments(arguments: str) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _assistant_item(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": text}
+
+
+def _function_call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments}
+
+
+def _function_output_item(record: ToolCallRecord) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": record.call_id, "output": record.output}
+
+
+def _input_items(messages: Sequence[StoredMessage]) -> list[dict[str, Any]]:
+    """Stored history as Responses API input items. A tool row becomes its call and its
+    output (every stored call has one), so the upstream never sees a dangling call."""
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "user":
+            items.append({"role": "user", "content": message.content})
+        elif message.role == "assistant":
+            if message.content:
+                items.append(_assistant_item(message.content))
+        elif message.call_id and message.name is not None:
+            record = ToolCallRecord(
+                message.call_id, message.name, message.arguments or "{}", message.output or ""
+            )
+            items.append(_function_call_item(record.call_id, record.name, record.arguments))
+            items.append(_function_output_item(record))
+    return items
+
+
+def _history_entry(message: StoredMessage) -> wire.HistoryEntry:
+    if message.role == "tool":
+        return wire.HistoryEntry(
+            id=message.id,
+            role="tool",
+            content=message.content,
+            status=message.status,
+            timestamp=message.created_at,
+            name=message.name,
+            call_id=message.call_id,
+            arguments=_parse_arguments(message.arguments or "") or {},
+            output=message.output,
+        )
+    return wire.HistoryEntry(
+        id=message.id,
+        role="user" if message.role == "user" else "assistant",
+        content=message.content,
+        status=message.status,
+        timestamp=message.created_at,
+    )
+
+
+# =========================================================================== the server
+
+
+class ChatServer:
+    """Accepts connections, admits WebSockets, keeps the registry, shuts down gracefully.
+
+    Resource handling: `serve` owns the listeners and a nursery of connection
+    handlers; it returns after `shutdown()` once every connection has closed (or
+    the grace period ran out and the rest were cancelled).
+    """
+
+    def __init__(self, config: Config, store: SessionStore, agent: AgentClient) -> None:
+        self.config = config
+        self.store = store
+        self.agent = agent
+        self.verifier = TokenVerifier(
+            secret=config.jwt_secret, public_key_pem=config.jwt_public_key
+        )
+        self.port: int | None = None
+        self.http_routes: dict[str, HttpRoute] = {"/healthz": self._healthz}
+        self._sessions: dict[str, ChatConnection] = {}
+        self._connections_by_user: dict[str, int] = {}
+        self._connection_count = 0
+        self._shutdown = trio.Event()
+        self._shutting_down = False
+
+    @property
+    def connection_count(self) -> int:
+        return self._connection_count
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; safe to call any number of times."""
+        self._shutdown.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[trio.abc.Listener[Any]] = list(
+            await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        )
+        self.port = listeners[0].socket.getsockname()[1]  # type: ignore[attr-defined]
+        if self.config.tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+            listeners = [
+                trio.SSLListener(listener, context, https_compatible=True) for listener in listeners
+            ]
+        scheme = "https" if self.config.tls_cert else "http"
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(
+                        trio.serve_listeners,
+                        self._handle_stream,
+                        listeners,
+                        handler_nursery=handlers,
+                    )
+                )
+                log.info("listening on %s://%s:%d", scheme, self.config.host, self.port)
+                task_status.started(self.port)
+                await self._shutdown.wait()
+                accepting.cancel_scope.cancel()
+            await self._drain(handlers)
+
+    async def _drain(self, handlers: trio.Nursery) -> None:
+        self._shutting_down = True
+        log.info("shutting down: closing %d connections", self._connection_count)
+        for connection in list(self._sessions.values()):
+            connection.close(wire.ServerShuttingDown())
+        # Leave a margin inside the grace period for the store and the process exit.
+        with trio.move_on_after(max(0.5, self.config.shutdown_grace_s - 1.0)):
+            for connection in list(self._sessions.values()):
+                await connection.finished.wait()
+        handlers.cancel_scope.cancel()
+
+    async def _healthz(self) -> HttpAnswer:
+        return 200, b'{"status": "ok"}', "application/json"
+
+    # ------------------------------------------------------------------ per TCP stream
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one TCP connection. Never raises: a failing peer is logged and dropped."""
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                received = await _read_request_head(stream)
+            if received is not None:
+                head, raw = received
+                if head.is_websocket_upgrade:
+                    await self._handle_websocket(stream, head, raw)
+                else:
+                    await self._handle_http(stream, head)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+            pass
+        except Exception:
+            log.exception("connection failed; the server keeps serving")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
+        route = self.http_routes.get(head.path)
+        if route is None:
+            await _answer_http(stream, 404, b'{"error": "not found"}', "application/json")
+        elif head.method not in ("GET", "HEAD"):
+            await _answer_http(stream, 405, b'{"error": "method not allowed"}', "application/json")
+        else:
+            status, body, content_type = await route()
+            await _answer_http(stream, status, body if head.method == "GET" else b"", content_type)
+
+    async def _handle_websocket(
+        self, stream: trio.abc.Stream, head: RequestHead, raw: bytes
+    ) -> None:
+        session_id = _session_id_from_path(head.path)
+        if session_id is None:
+            await _answer_http(stream, 404, b'{"error": "not found"}', "application/json")
+            return
+        async with trio.open_nursery() as ws_tasks:
+            ws: WebSocketConnection | None = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                request = await wrap_server_stream(
+                    ws_tasks,
+                    _ReplayStream(stream, raw),
+                    message_queue_size=WS_MESSAGE_QUEUE_SIZE,
+                    max_message_size=self.config.max_frame_bytes,
+                )
+                ws = await request.accept()
+            if ws is not None:
+                await self._run_session(ws, head, session_id)
+            ws_tasks.cancel_scope.cancel()
+
+    async def _run_session(
+        self, ws: WebSocketConnection, head: RequestHead, session_id: str
+    ) -> None:
+        try:
+            connection = await self._admit(ws, head, session_id)
+        except wire.CloseError as refused:
+            log.info("connection refused: close %d (%s)", refused.close_code, refused.detail)
+            await _close_websocket(ws, refused)
+            return
+        user_id = connection.user_id
+        self._sessions[session_id] = connection
+        self._connections_by_user[user_id] = self._connections_by_user.get(user_id, 0) + 1
+        self._connection_count += 1
+        log.info("session %s: user connected (resumed=%s)", session_id, connection.resumed)
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("session %s: connection failed", session_id)
+            with trio.CancelScope(shield=True):
+                await _close_websocket(ws, wire.InternalError())
+        finally:
+            self._connection_count -= 1
+            remaining = self._connections_by_user[user_id] - 1
+            if remaining:
+                self._connections_by_user[user_id] = remaining
+            else:
+                del self._connections_by_user[user_id]
+            if self._sessions.get(session_id) is connection:
+                del self._sessions[session_id]
+            log.info("session %s: closed with %d", session_id, connection.close_code)
+
+    async def _admit(
+        self, ws: WebSocketConnection, head: RequestHead, session_id: str
+    ) -> ChatConnection:
+        """Check everything before any session data is read. Raises CloseError."""
+        if self._shutting_down:
+            raise wire.ServerShuttingDown()
+        if self._connection_count >= self.config.max_connections:
+            raise wire.ServerFull()
+        if not wire.is_valid_session_id(session_id):
+            raise wire.InvalidSessionId()
+        origin = head.headers.get("origin")
+        if self.config.allowed_origins and origin is not None:
+            if origin not in self.config.allowed_origins:
+                raise wire.Forbidden("origin not allowed")
+        user_id, expiry = self.verifier.verify(_token_from(head))
+        previous = self._sessions.get(session_id)
+        takes_over = previous is not None and previous.user_id == user_id
+        held = self._connections_by_user.get(user_id, 0)
+        if held >= self.config.max_connections_per_user and not takes_over:
+            raise wire.UserConnectionLimit()
+        claim = await self.store.claim_session(session_id, user_id)
+        if claim.owner_id != user_id:
+            raise wire.Forbidden("session belongs to another user")
+        if previous is not None:
+            previous.close(wire.TakenOver())
+            with trio.move_on_after(FINAL_WRITE_TIMEOUT_S):
+                await previous.finished.wait()
+        return ChatConnection(
+            self,
+            ws,
+            session_id=session_id,
+            user_id=user_id,
+            token_expiry=expiry,
+            resumed=claim.resumed,
+            history_length=claim.history_length,
+        )
+
+
+WEBSOCKET_PATH_PREFIXES = ("/ws/chat/", "/ws/agent/")
+
+
+def _session_id_from_path(path: str) -> str | None:
+    for prefix in WEBSOCKET_PATH_PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return None
+
+
+def _token_from(head: RequestHead) -> str | None:
+    authorization = head.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    tokens = head.query.get("token")
+    return tokens[0] if tokens else None
+
+
+# =========================================================================== running
+
+
+def build_agent(config: Config) -> AgentClient:
+    if config.uses_demo_model:
+        return AgentClient(
+            base_url=DEFAULT_UPSTREAM_URL,
+            api_key=None,
+            model="demo",
+            transport=DemoModelTransport(),
+        )
+    return AgentClient(
+        base_url=config.upstream_url,
+        api_key=config.api_key,
+        model=config.model,
+        idle_timeout_s=config.upstream_idle_timeout_s,
+    )
+
+
+async def run_server(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Open the store and the upstream client, serve until shutdown, close both.
+
+    Started with `nursery.start(run_server, config)` it reports the ChatServer once
+    listening (its `port` is set). With `handle_signals`, SIGTERM/SIGINT shut it down.
+    """
+    store = await SessionStore.open(config.db_path)
+    agent = build_agent(config)
+    server = ChatServer(config, store, agent)
+
+    async def serve_then_stop_watching(task_status: trio.TaskStatus[int]) -> None:
+        await server.serve(task_status=task_status)
+        nursery.cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                nursery.start_soon(_shutdown_on_signal, server)
+            await nursery.start(serve_then_stop_watching)
+            task_status.started(server)
+    finally:
+        with trio.CancelScope(shield=True):
+            await agent.aclose()
+            store.close()
+
+
+async def _shutdown_on_signal(server: ChatServer) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            # systemd may deliver SIGTERM twice (KillMode=mixed); repeats are harmless.
+            log.info("received %s", signal.Signals(signum).name)
+            server.shutdown()
+
+
+# =========================================================================== command line
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _parse_rate(text: str) -> tuple[int, float]:
+    count, _, window = text.partition("/")
+    try:
+        messages, seconds = int(count), float(window)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected MESSAGES/SECONDS, e.g. 30/60") from None
+    if messages < 1 or seconds <= 0 or not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError("expected positive MESSAGES/SECONDS")
+    return messages, seconds
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--host", default=_env("CHAT_HOST", "127.0.0.1"))
+    add("--port", type=int, default=int(_env("CHAT_PORT", "8765") or 8765))
+    add("--db", default=_env("CHAT_DB", "./chat.db"))
+    add("--jwt-secret", default=_env("CHAT_JWT_SECRET"))
+    add("--jwt-public-key", default=_env("CHAT_JWT_PUBLIC_KEY"), help="PEM file (RS256/ES256)")
+    add("--insecure-dev", action="store_true", help="run without a JWT secret (random, per run)")
+    add("--upstream-url", default=_env("OPENAI_BASE_URL", DEFAULT_UPSTREAM_URL))
+    add("--api-key", default=_env("OPENAI_API_KEY"))
+    add("--model", default=_env("CHAT_MODEL", "gpt-4.1"))
+    add("--instructions-file", default=_env("CHAT_INSTRUCTIONS_FILE"))
+    add("--tools-file", default=_env("CHAT_TOOLS_FILE"))
+    store_default = (_env("CHAT_UPSTREAM_STORE", "true") or "true").lower() not in (
+        "0",
+        "false",
+        "no",
+    )
+    add("--store", dest="upstream_store", action="store_true", default=store_default)
+    add("--no-store", dest="upstream_store", action="store_false")
+    add(
+        "--heartbeat-interval",
+        type=float,
+        default=float(_env("CHAT_HEARTBEAT_INTERVAL", "30") or 30),
+    )
+    add(
+        "--heartbeat-timeout", type=float, default=float(_env("CHAT_HEARTBEAT_TIMEOUT", "10") or 10)
+    )
+    add("--max-frame-bytes", type=int, default=64 * 1024)
+    add("--max-content-chars", type=int, default=10_000)
+    add("--max-connections", type=int, default=10_000)
+    add("--max-connections-per-user", type=int, default=5)
+    add("--rate-limit", type=_parse_rate, default=(30, 60.0), help="MESSAGES/SECONDS")
+    add("--max-queue", type=int, default=8)
+    add("--tool-timeout", type=float, default=120.0)
+    add("--upstream-idle-timeout", type=float, default=60.0)
+    add("--allowed-origin", action="append", default=[])
+    add("--tls-cert")
+    add("--tls-key")
+    add("--shutdown-grace", type=float, default=5.0)
+    add("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build and check a Config. Raises ConfigError with a message for the operator."""
+    public_key = None
+    if args.jwt_public_key:
+        try:
+            public_key = Path(args.jwt_public_key).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"--jwt-public-key: cannot read {args.jwt_public_key}: {exc}"
+            ) from None
+    secret = args.jwt_secret
+    if not secret and not public_key:
+        if not args.insecure_dev:
+            raise ConfigError(
+                "no --jwt-secret (CHAT_JWT_SECRET) or --jwt-public-key: refusing to start. "
+                "Use --insecure-dev to try it out with a random secret."
+            )
+        secret = secrets.token_urlsafe(32)
+    instructions = DEFAULT_INSTRUCTIONS
+    if args.instructions_file:
+        try:
+            instructions = Path(args.instructions_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--instructions-file: {exc}") from None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    for name in ("heartbeat_interval", "heartbeat_timeout", "tool_timeout", "shutdown_grace"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    messages, window = args.rate_limit
+    return Config(
+        host=args.host,
+        port=args.port,
+        db_path=args.db,
+        jwt_secret=secret,
+        jwt_public_key=public_key,
+        insecure_dev=args.insecure_dev,
+        upstream_url=args.upstream_url.rstrip("/"),
+        api_key=args.api_key,
+        model=args.model,
+        instructions=instructions,
+        tools=load_tools(args.tools_file) if args.tools_file else [],
+        upstream_store=args.upstream_store,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        max_frame_bytes=args.max_frame_bytes,
+        max_content_chars=args.max_content_chars,
+        max_connections=args.max_connections,
+        max_connections_per_user=args.max_connections_per_user,
+        rate_limit_messages=messages,
+        rate_limit_window_s=window,
+        max_queue=args.max_queue,
+        tool_timeout_s=args.tool_timeout,
+        upstream_idle_timeout_s=args.upstream_idle_timeout,
+        allowed_origins=tuple(args.allowed_origin),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    _add_server_flags(commands.add_parser("serve", help="run the server (default)"))
+    token = commands.add_parser("token", help="print a signed JWT for the configured secret")
+    token.add_argument("--sub", required=True, help="the user id")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.add_argument("--jwt-secret", default=_env("CHAT_JWT_SECRET"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0].startswith("-"):
+        arguments.insert(0, "serve")
+    args = _build_parser().parse_args(arguments)
+    if args.command == "token":
+        if not args.jwt_secret:
+            print("token: set --jwt-secret or CHAT_JWT_SECRET", file=sys.stderr)
+            return 2
+        print(issue_token(args.jwt_secret, args.sub, args.ttl))
+        return 0
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if config.uses_demo_model:
+        log.warning("no OPENAI_API_KEY and no --upstream-url: serving the OFFLINE DEMO MODEL")
+    if config.insecure_dev and not args.jwt_secret:
+        _print_dev_token(config)
+    trio.run(run_server, config, handle_signals=True)
+    log.info("stopped")
+    return 0
+
+
+def _print_dev_token(config: Config) -> None:
+    assert config.jwt_secret is not None
+    token = issue_token(config.jwt_secret, "dev-user", 24 * 3600)
+    # Printed to the terminal, never to the log: this secret lives only for this run.
+    print(
+        "\n  --insecure-dev: a random secret for this run. Try it at\n"
+        f"  http://{config.host}:{config.port}/?token={token}\n"
+        f"  or connect to ws://{config.host}:{config.port}/ws/chat/demo?token={token}\n",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

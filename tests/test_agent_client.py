@@ -1,0 +1,660 @@
+"""AgentClient and decode_event against recordings, scripted failures and cancellation.
+
+Rules for these tests: loopback only (the fake upstream on 127.0.0.1:0), every
+test doing I/O is bounded by ``trio.fail_after``, waits are on events (requests
+arriving, exchanges ending), never on sleeps. Expected outcomes for recordings
+are computed from the recording files themselves, by a parser independent of
+``decode_event``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from fake_upstream import (
+    RECORDINGS_DIR,
+    DropReply,
+    FailedReply,
+    FakeUpstream,
+    GarbageReply,
+    IncompleteReply,
+    RecordingReply,
+    StallReply,
+    StatusReply,
+    TextReply,
+    ToolCallReply,
+)
+
+from agent_client import (
+    AgentClient,
+    AgentEvent,
+    Completed,
+    DemoModelTransport,
+    Failed,
+    Incomplete,
+    PreviousResponseNotFound,
+    ResponseRequest,
+    ResponseStarted,
+    TextDelta,
+    ToolCall,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    _EventSizeGuard,
+    decode_event,
+    encode_sse,
+    text_response_events,
+)
+
+API_KEY = "sk-test-DoNotLeakThisKey0123456789"
+IO_LIMIT_S = 10
+REQUEST = ResponseRequest(
+    input=[{"role": "user", "content": "hello there"}], instructions="Be brief."
+)
+RECORDINGS = sorted(RECORDINGS_DIR.glob("*.sse"))
+
+
+@pytest.fixture
+async def client(fake: FakeUpstream) -> AsyncIterator[AgentClient]:
+    agent = AgentClient(
+        base_url=fake.base_url, api_key=API_KEY, model="test-model", backoff_base_s=0.01
+    )
+    yield agent
+    await agent.aclose()
+
+
+async def collect(agent: AgentClient, request: ResponseRequest = REQUEST) -> list[AgentEvent]:
+    with trio.fail_after(IO_LIMIT_S):
+        async with agent.stream(request) as events:
+            return [event async for event in events]
+
+
+def text_of(events: list[AgentEvent]) -> str:
+    return "".join(event.text for event in events if isinstance(event, TextDelta))
+
+
+# --- decode_event: pure ----------------------------------------------------------
+
+
+def test_decode_text_delta_ignores_extra_and_missing_optional_fields() -> None:
+    assert decode_event('{"type":"response.output_text.delta","delta":"Hi","x":1}') == TextDelta(
+        "Hi"
+    )
+
+
+def test_decode_refusal_delta_is_text() -> None:
+    assert decode_event('{"type":"response.refusal.delta","delta":"No."}') == TextDelta("No.")
+
+
+def test_decode_created_gives_response_id() -> None:
+    data = '{"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}'
+    assert decode_event(data) == ResponseStarted("resp_1")
+
+
+def test_decode_function_call_item_done() -> None:
+    data = json.dumps(
+        {
+            "type": "response.output_item.done",
+            "item": {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        }
+    )
+    assert decode_event(data) == ToolCall("c1", "f", "{}")
+
+
+def test_decode_message_item_done_is_ignored() -> None:
+    data = '{"type":"response.output_item.done","item":{"type":"message","content":[]}}'
+    assert decode_event(data) is None
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        "response.in_progress",
+        "response.queued",
+        "response.reasoning_summary_text.delta",
+        "response.function_call_arguments.delta",
+        "response.something_new_next_year",
+    ],
+)
+def test_decode_ignores_events_we_do_not_use(event_type: str) -> None:
+    assert decode_event(json.dumps({"type": event_type, "delta": "x"})) is None
+
+
+def test_decode_completed_and_incomplete() -> None:
+    assert decode_event('{"type":"response.completed","response":{"id":"r"}}') == Completed("r")
+    incomplete = (
+        '{"type":"response.incomplete","response":{"id":"r",'
+        '"incomplete_details":{"reason":"max_output_tokens"}}}'
+    )
+    assert decode_event(incomplete) == Incomplete("r", "max_output_tokens")
+
+
+def test_decode_nested_error_event() -> None:
+    data = '{"type":"error","error":{"type":"x","code":"insufficient_quota","message":"pay"}}'
+    assert decode_event(data) == Failed(None, "insufficient_quota", "pay")
+
+
+def test_decode_flat_legacy_error_event() -> None:
+    data = '{"type":"error","code":"server_error","message":"oops","param":null}'
+    assert decode_event(data) == Failed(None, "server_error", "oops")
+
+
+def test_decode_response_failed() -> None:
+    data = '{"type":"response.failed","response":{"id":"r","error":{"code":"c","message":"m"}}}'
+    assert decode_event(data) == Failed("r", "c", "m")
+
+
+@pytest.mark.parametrize("data", ["not json", "[1, 2]", '"text"', "{"])
+def test_decode_rejects_non_object(data: str) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode_event(data)
+
+
+def test_decode_rejects_delta_without_text() -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode_event('{"type":"response.output_text.delta"}')
+
+
+def test_synthetic_text_events_decode_to_the_text() -> None:
+    events = text_response_events("resp_x", "m", ["a", "b"])
+    decoded = [decode_event(json.dumps(event)) for event in events]
+    assert [d for d in decoded if d is not None] == [
+        ResponseStarted("resp_x"),
+        TextDelta("a"),
+        TextDelta("b"),
+        Completed("resp_x"),
+    ]
+    assert encode_sse(events[0]).startswith(b"event: response.created\ndata: {")
+
+
+def test_event_size_guard_bounds_one_event_not_the_stream() -> None:
+    guard = _EventSizeGuard(10)
+    for _ in range(100):
+        guard.feed(b"data: 1\n\n")  # many small events: fine
+    guard.feed(b"data: 12")
+    with pytest.raises(UpstreamProtocolError):
+        guard.feed(b"345")
+
+
+# --- recordings, through a real socket ------------------------------------------
+
+
+def recording_oracle(path: Path) -> dict[str, Any]:
+    """What a correct client must report for a recording, read straight from the file."""
+    payloads = [
+        json.loads(line[len("data:") :])
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.startswith("data:")
+    ]
+    terminal = next(
+        p
+        for p in payloads
+        if p["type"] in ("response.completed", "response.incomplete", "response.failed", "error")
+    )
+    ids = [p["response"]["id"] for p in payloads if "response" in p]
+    return {
+        "text": "".join(
+            p["delta"]
+            for p in payloads
+            if p["type"] in ("response.output_text.delta", "response.refusal.delta")
+        ),
+        "calls": [
+            ToolCall(p["item"]["call_id"], p["item"]["name"], p["item"]["arguments"])
+            for p in payloads
+            if p["type"] == "response.output_item.done" and p["item"]["type"] == "function_call"
+        ],
+        "terminal": terminal,
+        "response_id": ids[0] if ids else None,
+        "has_created": any(p["type"] == "response.created" for p in payloads),
+    }
+
+
+def test_recordings_are_present() -> None:
+    assert len(RECORDINGS) >= 11, f"recordings missing from {RECORDINGS_DIR}"
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
+async def test_recording_streams_to_the_right_outcome(
+    fake: FakeUpstream, client: AgentClient, path: Path
+) -> None:
+    expected = recording_oracle(path)
+    fake.enqueue(RecordingReply(path))
+
+    events = await collect(client)
+
+    assert text_of(events) == expected["text"]
+    assert [e for e in events if isinstance(e, ToolCall)] == expected["calls"]
+    assert isinstance(events[-1], Completed | Incomplete | Failed)
+    assert sum(isinstance(e, Completed | Incomplete | Failed) for e in events) == 1
+    assert events[-1].response_id == expected["response_id"]
+    terminal = expected["terminal"]
+    match terminal["type"]:
+        case "response.completed":
+            assert isinstance(events[-1], Completed)
+        case "response.incomplete":
+            assert events[-1] == Incomplete(
+                expected["response_id"], terminal["response"]["incomplete_details"]["reason"]
+            )
+        case _:
+            assert isinstance(events[-1], Failed)
+    started = [e for e in events if isinstance(e, ResponseStarted)]
+    if expected["has_created"]:
+        assert started == [ResponseStarted(expected["response_id"])]
+        assert events[0] == started[0]
+
+
+def recording(prefix: str) -> Path:
+    (path,) = [p for p in RECORDINGS if p.name.startswith(prefix + "_")]
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["01", "02"])
+async def test_text_recordings_complete_with_text(
+    fake: FakeUpstream, client: AgentClient, prefix: str
+) -> None:
+    fake.enqueue(RecordingReply(recording(prefix)))
+    events = await collect(client)
+    assert text_of(events) and not any(isinstance(e, ToolCall) for e in events)
+    assert isinstance(events[-1], Completed)
+
+
+async def test_recording_03_is_one_tool_call(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(RecordingReply(recording("03")))
+    events = await collect(client)
+    assert [type(e) for e in events] == [ResponseStarted, ToolCall, Completed]
+
+
+async def test_recording_04_is_text_then_tool_call(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(RecordingReply(recording("04")))
+    events = await collect(client)
+    kinds = [type(e) for e in events]
+    assert kinds.index(TextDelta) < kinds.index(ToolCall) and kinds.count(ToolCall) == 1
+
+
+async def test_recording_05_is_two_tool_calls(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(RecordingReply(recording("05")))
+    events = await collect(client)
+    assert [e.call_id for e in events if isinstance(e, ToolCall)] == [
+        "call_0xi8hXSApey3her10vjUIx0j",
+        "call_8fhPkmx5g5wyqqsTFMvzVtJw",
+    ]
+
+
+async def test_recording_06_fails_with_insufficient_quota_once(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(RecordingReply(recording("06")))
+    events = await collect(client)
+    assert isinstance(events[-1], Failed) and events[-1].code == "insufficient_quota"
+    assert "quota" in events[-1].message
+
+
+async def test_recording_07_is_incomplete_with_partial_text(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(RecordingReply(recording("07")))
+    events = await collect(client)
+    assert text_of(events).startswith("A cute tabby cat")
+    assert isinstance(events[-1], Incomplete) and events[-1].reason == "max_output_tokens"
+
+
+async def test_recording_09_reasoning_summary_is_not_text(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(RecordingReply(recording("09")))
+    events = await collect(client)
+    assert "Calcul" not in text_of(events)
+    assert sum(isinstance(e, TextDelta) for e in events) == 1
+
+
+@pytest.mark.parametrize("prefix", ["08", "08a"])
+async def test_background_recordings_complete(
+    fake: FakeUpstream, client: AgentClient, prefix: str
+) -> None:
+    fake.enqueue(RecordingReply(recording(prefix)))
+    events = await collect(client)
+    assert text_of(events) == "2 + 2 equals 4." and isinstance(events[-1], Completed)
+
+
+async def test_recording_10_legacy_without_sequence_numbers(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(RecordingReply(recording("10")))
+    events = await collect(client)
+    assert ToolCall("call_kL0PCQV7M2WMoVX8V8OtYSAL", "get_capital", '{"country":"France"}') in (
+        events
+    )
+    assert isinstance(events[-1], Completed)
+
+
+# --- synthetic replies -------------------------------------------------------------
+
+
+async def test_default_reply_echoes_last_user_text(client: AgentClient) -> None:
+    events = await collect(client)
+    assert text_of(events) == "echo: hello there"
+
+
+async def test_tool_call_reply_after_text(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(ToolCallReply([("c1", "lookup", '{"q":"x"}'), ("c2", "f", "{}")], "Let me see"))
+    events = await collect(client)
+    assert text_of(events) == "Let me see"
+    assert [e for e in events if isinstance(e, ToolCall)] == [
+        ToolCall("c1", "lookup", '{"q":"x"}'),
+        ToolCall("c2", "f", "{}"),
+    ]
+
+
+async def test_incomplete_reply(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(IncompleteReply(["par", "tial"], reason="content_filter"))
+    events = await collect(client)
+    assert text_of(events) == "partial"
+    assert isinstance(events[-1], Incomplete) and events[-1].reason == "content_filter"
+
+
+async def test_mid_stream_error_fills_in_response_id(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(FailedReply(["so far"], code="server_error"))
+    events = await collect(client)
+    assert text_of(events) == "so far"
+    started = events[0]
+    assert isinstance(started, ResponseStarted)
+    assert events[-1] == Failed(
+        started.response_id,
+        "server_error",
+        "The server had an error while processing your request.",
+    )
+
+
+# --- the request --------------------------------------------------------------------
+
+
+async def test_request_body_and_headers(fake: FakeUpstream, client: AgentClient) -> None:
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    request = ResponseRequest(
+        input=[{"role": "user", "content": "hi"}],
+        instructions="Be kind.",
+        previous_response_id="resp_prev",
+        tools=[tool],
+        store=False,
+    )
+    await collect(client, request)
+    (seen,) = fake.requests
+    assert seen.body == {
+        "model": "test-model",
+        "input": [{"role": "user", "content": "hi"}],
+        "instructions": "Be kind.",
+        "stream": True,
+        "store": False,
+        "previous_response_id": "resp_prev",
+        "tools": [tool],
+    }
+    assert seen.headers["authorization"] == f"Bearer {API_KEY}"
+    assert seen.headers["content-type"] == "application/json"
+
+
+async def test_optional_fields_are_omitted_and_no_key_means_no_auth(fake: FakeUpstream) -> None:
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m")
+    try:
+        await collect(agent)
+    finally:
+        await agent.aclose()
+    (seen,) = fake.requests
+    assert "previous_response_id" not in seen.body and "tools" not in seen.body
+    assert seen.body["store"] is True
+    assert "authorization" not in seen.headers
+
+
+# --- retries and rejections ------------------------------------------------------------
+
+
+async def test_429_retry_after_is_honoured(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(StatusReply(429, headers={"retry-after": "0.2"}))
+    events = await collect(client)
+    assert isinstance(events[-1], Completed)
+    first, second = fake.requests
+    assert second.received_at - first.received_at >= 0.2
+
+
+async def test_retry_after_is_capped(fake: FakeUpstream) -> None:
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", retry_after_cap_s=0.05)
+    fake.enqueue(StatusReply(503, headers={"retry-after": "3600"}))
+    try:
+        with trio.fail_after(2):
+            await collect(agent)
+    finally:
+        await agent.aclose()
+    assert len(fake.requests) == 2
+
+
+async def test_two_500s_then_success(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(StatusReply(500), StatusReply(502, "bad gateway"))
+    events = await collect(client)
+    assert isinstance(events[-1], Completed)
+    assert len(fake.requests) == 3
+
+
+async def test_three_500s_is_unavailable(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(*[StatusReply(500)] * 3, TextReply(["never"]))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await collect(client)
+    assert caught.value.kind == "server_error" and caught.value.status_code == 500
+    assert len(fake.requests) == 3
+
+
+async def test_persistent_429_is_rate_limited(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(*[StatusReply(429, headers={"retry-after": "0"})] * 3)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await collect(client)
+    assert caught.value.kind == "rate_limited"
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    with socket.socket() as sock:  # bind then close: a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    agent = AgentClient(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, model="m", backoff_base_s=0.01
+    )
+    try:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await collect(agent)
+    finally:
+        await agent.aclose()
+    assert caught.value.kind == "connect"
+    assert API_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"code": "previous_response_not_found", "message": "gone", "param": None}},
+        {"error": {"code": None, "message": "Previous response with id 'resp_x' not found."}},
+    ],
+)
+async def test_previous_response_not_found(
+    fake: FakeUpstream, client: AgentClient, body: dict[str, Any]
+) -> None:
+    fake.enqueue(StatusReply(400, body))
+    with pytest.raises(PreviousResponseNotFound) as caught:
+        await collect(client)
+    assert caught.value.status_code == 400 and caught.value.kind == "rejected"
+    assert len(fake.requests) == 1
+
+
+async def test_other_4xx_is_rejected_with_code(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(StatusReply(400, {"error": {"code": "invalid_value", "message": "bad model"}}))
+    with pytest.raises(UpstreamRejected) as caught:
+        await collect(client)
+    assert type(caught.value) is UpstreamRejected
+    assert (caught.value.status_code, caught.value.code) == (400, "invalid_value")
+    assert "bad model" in str(caught.value)
+
+
+async def test_html_200_is_protocol_error(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(GarbageReply(b"<html>proxy login</html>", "text/html"))
+    with pytest.raises(UpstreamProtocolError):
+        await collect(client)
+
+
+async def test_non_json_event_is_protocol_error(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(GarbageReply(b"data: <html>\n\n", "text/event-stream"))
+    with pytest.raises(UpstreamProtocolError):
+        await collect(client)
+
+
+async def test_stream_without_terminal_event_is_protocol_error(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    body = b"".join(encode_sse(e) for e in text_response_events("resp_t", "m", ["a"])[:-1])
+    fake.enqueue(GarbageReply(body, "text/event-stream"))
+    with pytest.raises(UpstreamProtocolError, match="terminal"):
+        await collect(client)
+
+
+async def test_oversized_event_is_protocol_error(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(GarbageReply(b"data: " + b"x" * (5 * 1024 * 1024), "text/event-stream"))
+    with pytest.raises(UpstreamProtocolError, match="exceeds"):
+        await collect(client)
+
+
+async def test_dropped_connection_mid_stream(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(DropReply(["partial"]))
+    seen: list[AgentEvent] = []
+    with pytest.raises(UpstreamError) as caught, trio.fail_after(IO_LIMIT_S):
+        async with client.stream(REQUEST) as events:
+            async for event in events:
+                seen.append(event)
+    assert caught.value.kind == "connect"
+    assert text_of(seen) == "partial"
+    assert len(fake.requests) == 1  # never retried once events flowed
+
+
+async def test_stall_mid_stream_is_timeout(fake: FakeUpstream) -> None:
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.3)
+    fake.enqueue(StallReply(["before"], stall_s=5))
+    try:
+        with pytest.raises(UpstreamTimeout), trio.fail_after(IO_LIMIT_S):
+            async with agent.stream(REQUEST) as events:
+                started = trio.current_time()
+                async for _ in events:
+                    pass
+    finally:
+        await agent.aclose()
+    assert trio.current_time() - started < 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        StatusReply(401, {"error": {"code": "invalid_api_key", "message": f"Bad key {API_KEY}"}}),
+        StatusReply(500, f"crash while handling {API_KEY}"),
+        GarbageReply(f"<html>{API_KEY}</html>".encode(), "text/html"),
+        DropReply(["x"]),
+    ],
+    ids=["401", "500", "html", "drop"],
+)
+async def test_api_key_never_in_error_messages(
+    fake: FakeUpstream, client: AgentClient, reply: Any
+) -> None:
+    fake.enqueue(*[reply] * 3)
+    with pytest.raises(UpstreamError) as caught:
+        await collect(client)
+    assert API_KEY not in str(caught.value) and API_KEY not in repr(caught.value)
+    assert "DoNotLeak" not in str(caught.value)
+
+
+# --- cancellation ------------------------------------------------------------------------
+
+
+async def test_cancel_closes_upstream_within_100ms(fake: FakeUpstream, client: AgentClient) -> None:
+    fake.enqueue(TextReply(["first", " second"], delay_s=30))
+    first_delta = trio.Event()
+    with trio.fail_after(IO_LIMIT_S):
+        async with trio.open_nursery() as nursery:
+            turn = trio.CancelScope()
+
+            async def run_turn() -> None:
+                with turn:
+                    async with client.stream(REQUEST) as events:
+                        async for event in events:
+                            if isinstance(event, TextDelta):
+                                first_delta.set()
+
+            nursery.start_soon(run_turn)
+            await first_delta.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the turn is blocked reading
+            cancelled_at = trio.current_time()
+            turn.cancel()
+
+        seen = fake.requests[0]
+        await seen.done.wait()
+    assert seen.closed.is_set() and not seen.completed_normally
+    assert seen.client_closed_at is not None
+    assert seen.client_closed_at - cancelled_at < 0.1
+
+
+async def test_leaving_the_context_early_closes_upstream(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(TextReply(["a", "b", "c"], delay_s=30))
+    with trio.fail_after(IO_LIMIT_S):
+        async with client.stream(REQUEST) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    break
+        left_at = trio.current_time()
+        await fake.requests[0].closed.wait()
+    closed_at = fake.requests[0].client_closed_at
+    assert closed_at is not None and closed_at - left_at < 0.1
+
+
+async def test_cancel_during_retry_backoff_stops_retrying(fake: FakeUpstream) -> None:
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", backoff_base_s=60)
+    fake.enqueue(StatusReply(500))
+    try:
+        with trio.fail_after(IO_LIMIT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(collect, agent)
+                await fake.wait_for_request(1)
+                await fake.requests[0].done.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        await agent.aclose()
+    assert len(fake.requests) == 1
+
+
+# --- the offline demo model ----------------------------------------------------------------
+
+
+async def test_demo_model_streams_text_and_completes() -> None:
+    agent = AgentClient(
+        base_url="http://demo.invalid/v1",
+        api_key=None,
+        model="demo",
+        transport=DemoModelTransport(word_interval_s=0.001),
+    )
+    request = ResponseRequest(
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "ping?"}]}],
+        instructions="",
+    )
+    try:
+        events = await collect(agent, request)
+    finally:
+        await agent.aclose()
+    started, last = events[0], events[-1]
+    assert isinstance(started, ResponseStarted) and started.response_id.startswith("resp_demo_")
+    assert last == Completed(started.response_id)
+    text = text_of(events)
+    assert "(offline demo model)" in text and "«ping?»" in text and "OPENAI_API_KEY" in text
+    assert sum(isinstance(e, TextDelta) for e in events) > 5
