@@ -886,6 +886,53 @@ def _history_entry(message: StoredMessage) -> wire.HistoryEntry:
     )
 
 
+# =========================================================================== the web page
+
+WEB_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    ".json": "application/json",
+}
+
+
+def web_dir() -> Path:
+    """The bundled page: next to this file, or inside a PyInstaller bundle."""
+    bundle = getattr(sys, "_MEIPASS", None)
+    return Path(bundle or Path(__file__).resolve().parent) / "web"
+
+
+def web_page_routes() -> dict[str, HttpRoute]:
+    """`/` is web/index.html; every other file under web/ is served at /web/<path>.
+
+    The files are read once at start: the set of routes is fixed, so no request
+    path ever reaches the file system.
+    """
+    root = web_dir()
+    routes: dict[str, HttpRoute] = {}
+    if not root.is_dir():
+        return routes
+    for path in sorted(root.rglob("*")):
+        content_type = WEB_CONTENT_TYPES.get(path.suffix)
+        if not path.is_file() or content_type is None:
+            continue
+        answer: HttpAnswer = (200, path.read_bytes(), content_type)
+        route = _fixed_answer(answer)
+        routes["/web/" + path.relative_to(root).as_posix()] = route
+        if path == root / "index.html":
+            routes["/"] = route
+    return routes
+
+
+def _fixed_answer(answer: HttpAnswer) -> HttpRoute:
+    async def route() -> HttpAnswer:
+        return answer
+
+    return route
+
+
 # =========================================================================== the server
 
 
@@ -905,7 +952,7 @@ class ChatServer:
             secret=config.jwt_secret, public_key_pem=config.jwt_public_key
         )
         self.port: int | None = None
-        self.http_routes: dict[str, HttpRoute] = {"/healthz": self._healthz}
+        self.http_routes: dict[str, HttpRoute] = {"/healthz": self._healthz, **web_page_routes()}
         self._sessions: dict[str, ChatConnection] = {}
         self._connections_by_user: dict[str, int] = {}
         self._connection_count = 0
