@@ -8,7 +8,7 @@ from datetime import datetime
 
 import trio
 from conftest import API_KEY, open_chat
-from fake_upstream import FakeUpstream, RecordingReply, TextReply, RECORDINGS_DIR
+from fake_upstream import RECORDINGS_DIR, FakeUpstream, RecordingReply, TextReply
 
 from server import ChatServer
 
