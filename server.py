@@ -33,13 +33,17 @@ import math
 import os
 import secrets
 import signal
+import socket
+import sqlite3
 import ssl
 import sys
 import time
+import tomllib
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,14 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import jwt
 import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
@@ -66,7 +78,7 @@ from agent_client import (
     ToolCall,
     UpstreamError,
 )
-from store import SessionStore, StoredMessage, ToolCallRecord
+from store import SessionStore, StoredMessage, ToolCallRecord, backup_database
 
 log = logging.getLogger("chat")
 
@@ -83,6 +95,9 @@ MAX_REQUEST_HEAD_BYTES = 16 * 1024
 SEND_TIMEOUT_S = 20.0
 # Closing handshake: a peer that does not answer our close frame is cut off after this.
 CLOSE_TIMEOUT_S = 2.0
+# The same for a peer already known to be silent (heartbeat timeout): enough to hand
+# the close frame to the kernel, no more.
+DEAD_PEER_CLOSE_TIMEOUT_S = 0.1
 # Writes that must happen while the connection is being torn down (shielded).
 FINAL_WRITE_TIMEOUT_S = 5.0
 # Frames waiting for a slow client, in characters; past it the client is dropped (1008).
@@ -103,7 +118,10 @@ class Config:
     port: int = 8765
     db_path: str = "./chat.db"
     jwt_secret: str | None = None
+    jwt_secret_generated: bool = False
     jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
     insecure_dev: bool = False
     upstream_url: str = DEFAULT_UPSTREAM_URL
     api_key: str | None = None
@@ -126,6 +144,7 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     shutdown_grace_s: float = 5.0
+    log_content: bool = False
 
     @property
     def uses_demo_model(self) -> bool:
@@ -186,7 +205,16 @@ def load_tools(path: str) -> list[dict[str, Any]]:
 class TokenVerifier:
     """Checks JWTs: signature, `exp`, a `sub`, and an algorithm allow-list (never `none`)."""
 
-    def __init__(self, *, secret: str | None, public_key_pem: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        secret: str | None,
+        public_key_pem: str | None,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        self._audience = audience
+        self._issuer = issuer
         self._keys: dict[str, Any] = {}
         if secret:
             self._keys["HS256"] = secret
@@ -203,7 +231,15 @@ class TokenVerifier:
             key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
             if key is None:
                 raise wire.Unauthorized()
-            claims = jwt.decode(token, key, algorithms=[algorithm], options={"require": ["sub"]})
+            required = ["sub"] + ["aud"] * bool(self._audience) + ["iss"] * bool(self._issuer)
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": required},
+            )
         except jwt.PyJWTError:
             raise wire.Unauthorized() from None
         subject = claims.get("sub")
@@ -410,6 +446,8 @@ class TurnState:
     response_id: str | None = None
     status: wire.TurnStatus = "failed"
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    started_at: float = field(default_factory=trio.current_time)
+    first_delta_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -521,6 +559,8 @@ class ChatConnection:
         while True:
             frame = await self._outbox.take()
             text = wire.encode(frame)
+            if isinstance(frame, wire.TextDeltaFrame):
+                self.server.metrics.deltas_sent.inc()
             with trio.move_on_after(SEND_TIMEOUT_S) as timeout:
                 try:
                     await self.ws.send_message(text)
@@ -572,6 +612,9 @@ class ChatConnection:
         message = await self.server.store.add_user_message(
             self.session_id, frame.content, client_message_id=frame.id, metadata=frame.metadata
         )
+        self.server.metrics.messages_received.inc()
+        if self.config.log_content:
+            log.info("session %s: user message %d: %r", self.session_id, message.id, frame.content)
         self._queue.append(QueuedTurn(message))
         self._queue_changed.set()
 
@@ -648,7 +691,9 @@ class ChatConnection:
                 try:
                     await self._converse(turn)
                 except (UpstreamError, _TurnFailed) as exc:
-                    log.warning("session %s: upstream failed: %s", self.session_id, exc)
+                    kind = exc.kind if isinstance(exc, UpstreamError) else "error_event"
+                    self.server.metrics.upstream_errors.labels(kind).inc()
+                    log.warning("session %s: upstream failed (%s): %s", self.session_id, kind, exc)
                     turn.status = "failed"
                     self._send_error(wire.UpstreamFailed(turn_id=turn.turn_id))
             if scope.cancelled_caught:
@@ -674,6 +719,31 @@ class ChatConnection:
             )
         )
         self.send(wire.Typing(is_typing=False))
+        self._log_turn_end(turn)
+
+    def _log_turn_end(self, turn: TurnState) -> None:
+        metrics = self.server.metrics
+        metrics.turns.labels(turn.status).inc()
+        elapsed_s = trio.current_time() - turn.started_at
+        first_s = turn.first_delta_at - turn.started_at if turn.first_delta_at else None
+        log.info(
+            "session %s: turn %s %s in %.3f s (first delta %s, %d chars, %d tool calls)",
+            self.session_id,
+            turn.turn_id,
+            turn.status,
+            elapsed_s,
+            f"{first_s:.3f} s" if first_s is not None else "none",
+            len(turn.text),
+            len(turn.tool_calls),
+            extra={
+                "session_id": self.session_id,
+                "turn_id": turn.turn_id,
+                "status": turn.status,
+                "elapsed_s": round(elapsed_s, 4),
+            },
+        )
+        if self.config.log_content:
+            log.info("session %s: turn %s answer: %r", self.session_id, turn.turn_id, turn.text)
 
     async def _store_turn(self, turn: TurnState) -> None:
         for call in turn.tool_calls:
@@ -746,14 +816,23 @@ class ChatConnection:
 
     async def _stream_round(self, turn: TurnState, request: ResponseRequest) -> list[ToolCall]:
         calls: list[ToolCall] = []
-        async with self.server.agent.stream(request) as events:
-            async for event in events:
-                self._on_event(turn, event, calls)
+        started = trio.current_time()
+        try:
+            async with self.server.agent.stream(request) as events:
+                async for event in events:
+                    self._on_event(turn, event, calls)
+        finally:
+            self.server.metrics.upstream_request_seconds.observe(trio.current_time() - started)
         return calls
 
     def _on_event(self, turn: TurnState, event: AgentEvent, calls: list[ToolCall]) -> None:
         if isinstance(event, TextDelta):
             if event.text:
+                if not turn.parts:
+                    turn.first_delta_at = trio.current_time()
+                    self.server.metrics.time_to_first_token_seconds.observe(
+                        turn.first_delta_at - turn.started_at
+                    )
                 turn.parts.append(event.text)
                 self.send(wire.TextDeltaFrame(turn_id=turn.turn_id, content=event.text))
         elif isinstance(event, ToolCall):
@@ -821,7 +900,10 @@ class _HeartbeatTimeout(wire.CloseError):
 async def _close_websocket(ws: WebSocketConnection, error: wire.CloseError) -> None:
     """Send the close frame, time-boxed: a silent peer does not hold us. The caller
     that owns the TCP stream closes it afterwards either way."""
-    with trio.move_on_after(CLOSE_TIMEOUT_S):
+    # A peer that failed its heartbeat will not answer a close frame either: send it,
+    # but free the connection at once rather than wait for a reply.
+    wait_s = DEAD_PEER_CLOSE_TIMEOUT_S if isinstance(error, _HeartbeatTimeout) else CLOSE_TIMEOUT_S
+    with trio.move_on_after(wait_s):
         await ws.aclose(error.close_code, error.detail[:120])
 
 
@@ -933,6 +1015,93 @@ def _fixed_answer(answer: HttpAnswer) -> HttpRoute:
     return route
 
 
+# =========================================================================== operations
+
+
+class ServerMetrics:
+    """The Prometheus metrics of one server, in a registry of its own (so that a test
+    process can run several servers), served at `/metrics`."""
+
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        self.active_connections = Gauge(
+            "chat_active_connections",
+            "Authenticated WebSocket connections open now.",
+            registry=registry,
+        )
+        self.connections_opened = Counter(
+            "chat_connections_opened", "WebSocket handshakes accepted.", registry=registry
+        )
+        self.connections_closed = Counter(
+            "chat_connections_closed",
+            "WebSocket connections closed, by close code.",
+            ["code"],
+            registry=registry,
+        )
+        self.messages_received = Counter(
+            "chat_messages_received", "User messages accepted and stored.", registry=registry
+        )
+        self.turns = Counter("chat_turns", "Turns ended, by status.", ["status"], registry=registry)
+        self.deltas_sent = Counter(
+            "chat_deltas_sent", "text_delta frames written to clients.", registry=registry
+        )
+        self.upstream_request_seconds = Histogram(
+            "chat_upstream_request_seconds",
+            "One upstream request, first byte sent to end.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "chat_time_to_first_token_seconds",
+            "Turn start to its first text delta.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "chat_upstream_errors",
+            "Upstream failures that ended a turn, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.store_write_seconds = Histogram(
+            "chat_store_write_seconds",
+            "One SQLite write transaction, queueing included.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def systemd_notify(state: str) -> None:
+    """Tell systemd about our state (READY=1, STOPPING=1, WATCHDOG=1) through the
+    datagram socket in $NOTIFY_SOCKET; a no-op when not run by systemd (Type=notify)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a full queue must never stall the event loop
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("systemd notify failed: %s", exc.strerror)
+
+
+async def _watchdog_pings() -> None:
+    """With WatchdogSec= set, ping at half the interval. The pings come from the event
+    loop itself, so a stalled loop stops them and systemd restarts the service."""
+    interval_us = os.environ.get("WATCHDOG_USEC")
+    owner = os.environ.get("WATCHDOG_PID")
+    if not interval_us or (owner and owner != str(os.getpid())):
+        return
+    while True:
+        systemd_notify("WATCHDOG=1")
+        await trio.sleep(int(interval_us) / 2_000_000)
+
+
 # =========================================================================== the server
 
 
@@ -949,10 +1118,19 @@ class ChatServer:
         self.store = store
         self.agent = agent
         self.verifier = TokenVerifier(
-            secret=config.jwt_secret, public_key_pem=config.jwt_public_key
+            secret=config.jwt_secret,
+            public_key_pem=config.jwt_public_key,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
         )
         self.port: int | None = None
-        self.http_routes: dict[str, HttpRoute] = {"/healthz": self._healthz, **web_page_routes()}
+        self.metrics = ServerMetrics()
+        store.write_observer = self.metrics.store_write_seconds.observe
+        self.http_routes: dict[str, HttpRoute] = {
+            "/metrics": self._metrics,
+            "/healthz": self._healthz,
+            **web_page_routes(),
+        }
         self._sessions: dict[str, ChatConnection] = {}
         self._connections_by_user: dict[str, int] = {}
         self._connection_count = 0
@@ -997,6 +1175,7 @@ class ChatServer:
 
     async def _drain(self, handlers: trio.Nursery) -> None:
         self._shutting_down = True
+        systemd_notify("STOPPING=1")
         log.info("shutting down: closing %d connections", self._connection_count)
         for connection in list(self._sessions.values()):
             connection.close(wire.ServerShuttingDown())
@@ -1005,6 +1184,9 @@ class ChatServer:
             for connection in list(self._sessions.values()):
                 await connection.finished.wait()
         handlers.cancel_scope.cancel()
+
+    async def _metrics(self) -> HttpAnswer:
+        return 200, self.metrics.render(), CONTENT_TYPE_LATEST
 
     async def _healthz(self) -> HttpAnswer:
         return 200, b'{"status": "ok"}', "application/json"
@@ -1056,6 +1238,7 @@ class ChatServer:
                     max_message_size=self.config.max_frame_bytes,
                 )
                 ws = await request.accept()
+                self.metrics.connections_opened.inc()
             if ws is not None:
                 await self._run_session(ws, head, session_id)
             ws_tasks.cancel_scope.cancel()
@@ -1067,12 +1250,14 @@ class ChatServer:
             connection = await self._admit(ws, head, session_id)
         except wire.CloseError as refused:
             log.info("connection refused: close %d (%s)", refused.close_code, refused.detail)
+            self.metrics.connections_closed.labels(str(refused.close_code)).inc()
             await _close_websocket(ws, refused)
             return
         user_id = connection.user_id
         self._sessions[session_id] = connection
         self._connections_by_user[user_id] = self._connections_by_user.get(user_id, 0) + 1
         self._connection_count += 1
+        self.metrics.active_connections.inc()
         log.info("session %s: user connected (resumed=%s)", session_id, connection.resumed)
         try:
             await connection.run()
@@ -1082,6 +1267,8 @@ class ChatServer:
                 await _close_websocket(ws, wire.InternalError())
         finally:
             self._connection_count -= 1
+            self.metrics.active_connections.dec()
+            self.metrics.connections_closed.labels(str(connection.close_code)).inc()
             remaining = self._connections_by_user[user_id] - 1
             if remaining:
                 self._connections_by_user[user_id] = remaining
@@ -1190,6 +1377,8 @@ async def run_server(
             if handle_signals:
                 nursery.start_soon(_shutdown_on_signal, server)
             await nursery.start(serve_then_stop_watching)
+            systemd_notify("READY=1")
+            nursery.start_soon(_watchdog_pings)
             task_status.started(server)
     finally:
         with trio.CancelScope(shield=True):
@@ -1208,134 +1397,351 @@ async def _shutdown_on_signal(server: ChatServer) -> None:
 # =========================================================================== command line
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+@dataclass(frozen=True)
+class Setting:
+    """One setting: `--flag`, the environment variable, and the key in the TOML file
+    (the flag's name, with dashes or underscores). `read` turns text (flag, env) or a
+    TOML value into the setting's value, raising ValueError with a reason."""
+
+    flag: str
+    env: str
+    read: Callable[[Any], Any]
+    default: Any = None
+    help: str = ""
+    kind: str = "value"  # "value", "switch" (--x/--no-x) or "list" (repeatable)
+    secret: bool = False
 
 
-def _parse_rate(text: str) -> tuple[int, float]:
-    count, _, window = text.partition("/")
-    try:
-        messages, seconds = int(count), float(window)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected MESSAGES/SECONDS, e.g. 30/60") from None
-    if messages < 1 or seconds <= 0 or not math.isfinite(seconds):
-        raise argparse.ArgumentTypeError("expected positive MESSAGES/SECONDS")
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected non-empty text")
+    return value
+
+
+def _number(convert: Callable[[Any], Any], minimum: float) -> Callable[[Any], Any]:
+    def read(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        number = convert(value)
+        if not math.isfinite(number) or number < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+        return number
+
+    return read
+
+
+def _switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _rate(value: Any) -> tuple[int, float]:
+    count, _, window = str(value).partition("/")
+    messages, seconds = int(count), float(window)
+    if messages < 1 or not (0 < seconds < math.inf):
+        raise ValueError("expected MESSAGES/SECONDS, both positive, e.g. 30/60")
     return messages, seconds
 
 
-def _add_server_flags(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--host", default=_env("CHAT_HOST", "127.0.0.1"))
-    add("--port", type=int, default=int(_env("CHAT_PORT", "8765") or 8765))
-    add("--db", default=_env("CHAT_DB", "./chat.db"))
-    add("--jwt-secret", default=_env("CHAT_JWT_SECRET"))
-    add("--jwt-public-key", default=_env("CHAT_JWT_PUBLIC_KEY"), help="PEM file (RS256/ES256)")
-    add("--insecure-dev", action="store_true", help="run without a JWT secret (random, per run)")
-    add("--upstream-url", default=_env("OPENAI_BASE_URL", DEFAULT_UPSTREAM_URL))
-    add("--api-key", default=_env("OPENAI_API_KEY"))
-    add("--model", default=_env("CHAT_MODEL", "gpt-4.1"))
-    add("--instructions-file", default=_env("CHAT_INSTRUCTIONS_FILE"))
-    add("--tools-file", default=_env("CHAT_TOOLS_FILE"))
-    store_default = (_env("CHAT_UPSTREAM_STORE", "true") or "true").lower() not in (
-        "0",
-        "false",
-        "no",
-    )
-    add("--store", dest="upstream_store", action="store_true", default=store_default)
-    add("--no-store", dest="upstream_store", action="store_false")
-    add(
-        "--heartbeat-interval",
-        type=float,
-        default=float(_env("CHAT_HEARTBEAT_INTERVAL", "30") or 30),
-    )
-    add(
-        "--heartbeat-timeout", type=float, default=float(_env("CHAT_HEARTBEAT_TIMEOUT", "10") or 10)
-    )
-    add("--max-frame-bytes", type=int, default=64 * 1024)
-    add("--max-content-chars", type=int, default=10_000)
-    add("--max-connections", type=int, default=10_000)
-    add("--max-connections-per-user", type=int, default=5)
-    add("--rate-limit", type=_parse_rate, default=(30, 60.0), help="MESSAGES/SECONDS")
-    add("--max-queue", type=int, default=8)
-    add("--tool-timeout", type=float, default=120.0)
-    add("--upstream-idle-timeout", type=float, default=60.0)
-    add("--allowed-origin", action="append", default=[])
-    add("--tls-cert")
-    add("--tls-key")
-    add("--shutdown-grace", type=float, default=5.0)
-    add("--log-level", default="INFO")
+def _origins(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a list of origins")
+    return tuple(item.strip() for item in items if item.strip())
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Build and check a Config. Raises ConfigError with a message for the operator."""
-    public_key = None
-    if args.jwt_public_key:
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def read(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return str(value)
+
+    return read
+
+
+_positive = _number(float, 0.001)
+_count = _number(int, 1)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "CHAT_HOST", _text, "127.0.0.1", "address to listen on"),
+    Setting("port", "CHAT_PORT", _number(int, 0), 8765, "port (0: any free port)"),
+    Setting("db", "CHAT_DB", _text, "./chat.db", "SQLite file"),
+    Setting("jwt-secret", "CHAT_JWT_SECRET", _text, None, "HS256 secret", secret=True),
+    Setting("jwt-secret-file", "CHAT_JWT_SECRET_FILE", _text, None, "file holding the secret"),
+    Setting("jwt-public-key", "CHAT_JWT_PUBLIC_KEY", _text, None, "PEM file (RS256/ES256)"),
+    Setting("jwt-audience", "CHAT_JWT_AUDIENCE", _text, None, "required `aud`, if set"),
+    Setting("jwt-issuer", "CHAT_JWT_ISSUER", _text, None, "required `iss`, if set"),
+    Setting(
+        "insecure-dev",
+        "CHAT_INSECURE_DEV",
+        _switch,
+        False,
+        "no secret needed: a random one per run",
+        kind="switch",
+    ),
+    Setting(
+        "upstream-url", "OPENAI_BASE_URL", _text, DEFAULT_UPSTREAM_URL, "Responses API base URL"
+    ),
+    Setting("api-key", "OPENAI_API_KEY", _text, None, "upstream API key", secret=True),
+    Setting("api-key-file", "OPENAI_API_KEY_FILE", _text, None, "file holding the API key"),
+    Setting("model", "CHAT_MODEL", _text, "gpt-4.1", "model name"),
+    Setting("instructions-file", "CHAT_INSTRUCTIONS_FILE", _text, None, "system instructions"),
+    Setting("tools-file", "CHAT_TOOLS_FILE", _text, None, "JSON list of client tools"),
+    Setting(
+        "store",
+        "CHAT_UPSTREAM_STORE",
+        _switch,
+        True,
+        "chain turns with previous_response_id",
+        kind="switch",
+    ),
+    Setting("heartbeat-interval", "CHAT_HEARTBEAT_INTERVAL", _positive, 30.0, "seconds"),
+    Setting("heartbeat-timeout", "CHAT_HEARTBEAT_TIMEOUT", _positive, 10.0, "seconds"),
+    Setting("max-frame-bytes", "CHAT_MAX_FRAME_BYTES", _count, 64 * 1024, "bytes"),
+    Setting("max-content-chars", "CHAT_MAX_CONTENT_CHARS", _count, 10_000, "characters"),
+    Setting("max-connections", "CHAT_MAX_CONNECTIONS", _count, 10_000, "in all"),
+    Setting("max-connections-per-user", "CHAT_MAX_CONNECTIONS_PER_USER", _count, 5, "per user"),
+    Setting("rate-limit", "CHAT_RATE_LIMIT", _rate, (30, 60.0), "MESSAGES/SECONDS"),
+    Setting("max-queue", "CHAT_MAX_QUEUE", _number(int, 0), 8, "turns waiting"),
+    Setting("tool-timeout", "CHAT_TOOL_TIMEOUT", _positive, 120.0, "seconds"),
+    Setting(
+        "upstream-idle-timeout",
+        "CHAT_UPSTREAM_IDLE_TIMEOUT",
+        _positive,
+        60.0,
+        "seconds without a byte mid-stream",
+    ),
+    Setting(
+        "allowed-origin",
+        "CHAT_ALLOWED_ORIGINS",
+        _origins,
+        (),
+        "browser origin allowed (repeatable; env: comma-separated)",
+        kind="list",
+    ),
+    Setting("tls-cert", "CHAT_TLS_CERT", _text, None, "PEM certificate chain"),
+    Setting("tls-key", "CHAT_TLS_KEY", _text, None, "PEM private key"),
+    Setting("shutdown-grace", "CHAT_SHUTDOWN_GRACE", _positive, 5.0, "seconds"),
+    Setting("log-level", "CHAT_LOG_LEVEL", _one_of("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+    Setting("log-format", "CHAT_LOG_FORMAT", _one_of("text", "json"), "text"),
+    Setting(
+        "log-content",
+        "CHAT_LOG_CONTENT",
+        _switch,
+        False,
+        "log message text (off: never)",
+        kind="switch",
+    ),
+)
+SETTINGS_BY_KEY = {setting.flag: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class ResolvedSetting:
+    value: Any
+    source: str
+
+
+def _attribute(setting: Setting) -> str:
+    return setting.flag.replace("-", "_")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML file with the same keys (env CHAT_CONFIG)")
+    for setting in SETTINGS:
+        name = f"--{setting.flag}"
+        help_text = f"{setting.help} [env {setting.env}]".strip()
+        if setting.kind == "switch":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif setting.kind == "list":
+            parser.add_argument(name, action="append", help=help_text)
+        else:
+            parser.add_argument(name, help=help_text)
+
+
+def _read_config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        flag = key.replace("_", "-")
+        if flag == "allowed-origins":
+            flag = "allowed-origin"
+        if flag not in SETTINGS_BY_KEY:
+            raise ConfigError(f"--config: {path}: unknown key {key!r}")
+        values[flag] = value
+    return values
+
+
+def resolve_settings(
+    args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]
+) -> dict[str, ResolvedSetting]:
+    """Each setting's value and where it came from: flag > env > config file > default.
+    Raises ConfigError naming the setting and the source of a bad value."""
+    config_path = args.config or environ.get("CHAT_CONFIG")
+    from_file = _read_config_file(config_path)
+    resolved: dict[str, ResolvedSetting] = {}
+    for setting in SETTINGS:
+        from_flag = getattr(args, _attribute(setting), None)
+        if from_flag is not None:
+            raw, source = from_flag, "flag"
+        elif environ.get(setting.env):
+            raw, source = environ[setting.env], f"env {setting.env}"
+        elif setting.flag in from_file:
+            raw, source = from_file[setting.flag], f"config {config_path}"
+        else:
+            resolved[setting.flag] = ResolvedSetting(setting.default, "default")
+            continue
+        if setting.kind == "list" and isinstance(raw, list) and source == "flag":
+            raw = ",".join(raw)
         try:
-            public_key = Path(args.jwt_public_key).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"--jwt-public-key: cannot read {args.jwt_public_key}: {exc}"
-            ) from None
-    secret = args.jwt_secret
+            resolved[setting.flag] = ResolvedSetting(setting.read(raw), source)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{setting.flag} (from {source}): {exc}") from None
+    return resolved
+
+
+def _read_secret(path: str, what: str) -> str:
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{what}: {path} is empty")
+    return secret
+
+
+def _secret(
+    values: dict[str, Any], key: str, environ: dict[str, str] | os._Environ[str]
+) -> str | None:
+    """A secret from its setting, else its `-file` setting, else a systemd credential
+    of the same name ($CREDENTIALS_DIRECTORY/<key>)."""
+    if values[key]:
+        return str(values[key])
+    if values[f"{key}-file"]:
+        return _read_secret(values[f"{key}-file"], f"{key}-file")
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / key).is_file():
+        return _read_secret(str(Path(credentials) / key), f"credential {key}")
+    return None
+
+
+def config_from_settings(
+    resolved: dict[str, ResolvedSetting], environ: dict[str, str] | os._Environ[str]
+) -> Config:
+    """Build and check a Config: reads the files it names. Raises ConfigError."""
+    values = {key: item.value for key, item in resolved.items()}
+    public_key = None
+    if values["jwt-public-key"]:
+        public_key = _read_secret(values["jwt-public-key"], "jwt-public-key")
+    secret = _secret(values, "jwt-secret", environ)
+    generated = False
     if not secret and not public_key:
-        if not args.insecure_dev:
+        if not values["insecure-dev"]:
             raise ConfigError(
-                "no --jwt-secret (CHAT_JWT_SECRET) or --jwt-public-key: refusing to start. "
+                "no jwt-secret (CHAT_JWT_SECRET, --jwt-secret-file or a systemd credential) "
+                "and no --jwt-public-key: refusing to start. "
                 "Use --insecure-dev to try it out with a random secret."
             )
-        secret = secrets.token_urlsafe(32)
+        secret, generated = secrets.token_urlsafe(32), True
     instructions = DEFAULT_INSTRUCTIONS
-    if args.instructions_file:
-        try:
-            instructions = Path(args.instructions_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"--instructions-file: {exc}") from None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    for name in ("heartbeat_interval", "heartbeat_timeout", "tool_timeout", "shutdown_grace"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    messages, window = args.rate_limit
+    if values["instructions-file"]:
+        instructions = _read_secret(values["instructions-file"], "instructions-file")
+    if bool(values["tls-cert"]) != bool(values["tls-key"]):
+        raise ConfigError("tls-cert and tls-key go together")
+    messages, window = values["rate-limit"]
     return Config(
-        host=args.host,
-        port=args.port,
-        db_path=args.db,
+        host=values["host"],
+        port=values["port"],
+        db_path=values["db"],
         jwt_secret=secret,
+        jwt_secret_generated=generated,
         jwt_public_key=public_key,
-        insecure_dev=args.insecure_dev,
-        upstream_url=args.upstream_url.rstrip("/"),
-        api_key=args.api_key,
-        model=args.model,
+        jwt_audience=values["jwt-audience"],
+        jwt_issuer=values["jwt-issuer"],
+        insecure_dev=values["insecure-dev"],
+        upstream_url=values["upstream-url"].rstrip("/"),
+        api_key=_secret(values, "api-key", environ),
+        model=values["model"],
         instructions=instructions,
-        tools=load_tools(args.tools_file) if args.tools_file else [],
-        upstream_store=args.upstream_store,
-        heartbeat_interval_s=args.heartbeat_interval,
-        heartbeat_timeout_s=args.heartbeat_timeout,
-        max_frame_bytes=args.max_frame_bytes,
-        max_content_chars=args.max_content_chars,
-        max_connections=args.max_connections,
-        max_connections_per_user=args.max_connections_per_user,
+        tools=load_tools(values["tools-file"]) if values["tools-file"] else [],
+        upstream_store=values["store"],
+        heartbeat_interval_s=values["heartbeat-interval"],
+        heartbeat_timeout_s=values["heartbeat-timeout"],
+        max_frame_bytes=values["max-frame-bytes"],
+        max_content_chars=values["max-content-chars"],
+        max_connections=values["max-connections"],
+        max_connections_per_user=values["max-connections-per-user"],
         rate_limit_messages=messages,
         rate_limit_window_s=window,
-        max_queue=args.max_queue,
-        tool_timeout_s=args.tool_timeout,
-        upstream_idle_timeout_s=args.upstream_idle_timeout,
-        allowed_origins=tuple(args.allowed_origin),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        shutdown_grace_s=args.shutdown_grace,
+        max_queue=values["max-queue"],
+        tool_timeout_s=values["tool-timeout"],
+        upstream_idle_timeout_s=values["upstream-idle-timeout"],
+        allowed_origins=values["allowed-origin"],
+        tls_cert=values["tls-cert"],
+        tls_key=values["tls-key"],
+        shutdown_grace_s=values["shutdown-grace"],
+        log_content=values["log-content"],
     )
+
+
+def _check_deployment(config: Config) -> None:
+    """What `check-config` adds to parsing: the files the server will open at start."""
+    database = Path(config.db_path).resolve()
+    if not database.parent.is_dir():
+        raise ConfigError(f"db: folder {database.parent} does not exist")
+    if not os.access(database.parent, os.W_OK) or (
+        database.exists() and not os.access(database, os.W_OK)
+    ):
+        raise ConfigError(f"db: {database} is not writable")
+    if config.tls_cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                config.tls_cert, config.tls_key
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls-cert/tls-key: cannot load: {exc}") from None
+
+
+def _print_settings(resolved: dict[str, ResolvedSetting]) -> None:
+    for key, item in resolved.items():
+        shown = item.value
+        if SETTINGS_BY_KEY[key].secret and shown:
+            shown = "********"
+        elif key == "rate-limit":
+            shown = f"{shown[0]}/{shown[1]:g}"
+        elif isinstance(shown, tuple):
+            shown = list(shown)
+        print(f"{key} = {json.dumps(shown)}  # {item.source}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
-    _add_server_flags(commands.add_parser("serve", help="run the server (default)"))
+    _add_setting_flags(commands.add_parser("serve", help="run the server (the default)"))
+    check = commands.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--print", action="store_true", help="show each setting and its source")
+    _add_setting_flags(check)
     token = commands.add_parser("token", help="print a signed JWT for the configured secret")
     token.add_argument("--sub", required=True, help="the user id")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
-    token.add_argument("--jwt-secret", default=_env("CHAT_JWT_SECRET"))
+    _add_setting_flags(token)
+    backup = commands.add_parser("backup", help="copy the live database, consistently")
+    backup.add_argument("destination", help="file to write (must not exist)")
+    _add_setting_flags(backup)
     return parser
 
 
@@ -1344,40 +1750,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments or arguments[0].startswith("-"):
         arguments.insert(0, "serve")
     args = _build_parser().parse_args(arguments)
-    if args.command == "token":
-        if not args.jwt_secret:
-            print("token: set --jwt-secret or CHAT_JWT_SECRET", file=sys.stderr)
-            return 2
-        print(issue_token(args.jwt_secret, args.sub, args.ttl))
-        return 0
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        config = config_from_args(args)
+        resolved = resolve_settings(args, os.environ)
+        config = config_from_settings(resolved, os.environ)
+        if args.command == "check-config":
+            _check_deployment(config)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check-config":
+        if args.print:
+            _print_settings(resolved)
+        print("configuration OK", file=sys.stderr)
+        return 0
+    if args.command == "token":
+        if config.jwt_secret is None or config.jwt_secret_generated:
+            print(
+                "token: needs the server's jwt-secret (a random --insecure-dev one "
+                "lives only inside that server run)",
+                file=sys.stderr,
+            )
+            return 2
+        print(issue_token(config.jwt_secret, args.sub, args.ttl))
+        return 0
+    if args.command == "backup":
+        try:
+            backup_database(config.db_path, args.destination)
+        except (OSError, sqlite3.Error, FileExistsError) as exc:
+            print(f"backup failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"backed up {config.db_path} to {args.destination}", file=sys.stderr)
+        return 0
+    configure_logging(resolved["log-level"].value, resolved["log-format"].value)
     if config.uses_demo_model:
         log.warning("no OPENAI_API_KEY and no --upstream-url: serving the OFFLINE DEMO MODEL")
-    if config.insecure_dev and not args.jwt_secret:
+    if config.jwt_secret_generated:
         _print_dev_token(config)
-    trio.run(run_server, config, handle_signals=True)
+    trio.run(partial(run_server, config, handle_signals=True))
     log.info("stopped")
     return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any `extra` fields."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": wire.utc_timestamp(datetime.fromtimestamp(record.created, UTC)),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update((k, v) for k, v in vars(record).items() if k not in self._STANDARD)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Human-readable lines by default, JSON lines with `--log-format json`, to stderr."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Library loggers can print request lines (with tokens in URLs) at debug level.
+    for noisy in ("trio-websocket", "httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _print_dev_token(config: Config) -> None:
     assert config.jwt_secret is not None
     token = issue_token(config.jwt_secret, "dev-user", 24 * 3600)
+    scheme = "https" if config.tls_cert else "http"
     # Printed to the terminal, never to the log: this secret lives only for this run.
     print(
-        "\n  --insecure-dev: a random secret for this run. Try it at\n"
-        f"  http://{config.host}:{config.port}/?token={token}\n"
-        f"  or connect to ws://{config.host}:{config.port}/ws/chat/demo?token={token}\n",
+        "\n  --insecure-dev: a random secret for this run. Open the chat at\n"
+        f"  {scheme}://{config.host}:{config.port}/?token={token}\n"
+        f"  or connect a client to ws://{config.host}:{config.port}/ws/chat/demo?token={token}\n",
         flush=True,
     )
 

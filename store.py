@@ -325,3 +325,21 @@ class SessionStore:
 def _row_id(cursor: sqlite3.Cursor) -> int:
     assert cursor.lastrowid is not None  # an INSERT always sets it
     return cursor.lastrowid
+
+
+def backup_database(source: str | Path, destination: str | Path) -> None:
+    """Copy a live database with SQLite's online backup API: a consistent snapshot,
+    taken while the server keeps writing. Refuses to overwrite `destination`."""
+    if Path(destination).exists():
+        raise FileExistsError(f"{destination} exists")
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"no database at {source}")
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        dst = sqlite3.connect(str(destination))
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()

@@ -10,7 +10,6 @@ be awaited.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,10 +19,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fake_upstream import FakeUpstream  # noqa: E402
-from server import ChatServer, Config, issue_token, run_server  # noqa: E402
+from fake_upstream import FakeUpstream
+from server import ChatServer, Config, issue_token, run_server
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
 API_KEY = "sk-test-DO-NOT-LEAK-1234567890"
