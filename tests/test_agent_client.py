@@ -18,19 +18,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fake_upstream import (
-    RECORDINGS_DIR,
-    DropReply,
-    FailedReply,
-    FakeUpstream,
-    GarbageReply,
-    IncompleteReply,
-    RecordingReply,
-    StallReply,
-    StatusReply,
-    TextReply,
-    ToolCallReply,
-)
 
 from agent_client import (
     AgentClient,
@@ -53,6 +40,19 @@ from agent_client import (
     decode_event,
     encode_sse,
     text_response_events,
+)
+from fake_upstream import (
+    RECORDINGS_DIR,
+    DropReply,
+    FailedReply,
+    FakeUpstream,
+    GarbageReply,
+    IncompleteReply,
+    RecordingReply,
+    StallReply,
+    StatusReply,
+    TextReply,
+    ToolCallReply,
 )
 
 API_KEY = "sk-test-DoNotLeakThisKey0123456789"

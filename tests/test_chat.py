@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import trio
+
 from conftest import API_KEY, open_chat
 from fake_upstream import RECORDINGS_DIR, FakeUpstream, RecordingReply, TextReply
-
 from server import ChatServer
 
 StartServer = Callable[..., Awaitable[ChatServer]]

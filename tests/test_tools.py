@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import trio
+
 from conftest import ChatClient, open_chat
 from fake_upstream import FakeUpstream, TextReply, ToolCallReply
-
 from server import TOOL_CANCELLED_OUTPUT, ChatServer, ConfigError, load_tools
 
 StartServer = Callable[..., Awaitable[ChatServer]]

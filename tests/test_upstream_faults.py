@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import trio
+
 from conftest import ChatClient, open_chat
 from fake_upstream import (
     DropReply,
@@ -17,7 +18,6 @@ from fake_upstream import (
     StatusReply,
     TextReply,
 )
-
 from protocol import UPSTREAM_ERROR_TEXT
 from server import ChatServer
 
