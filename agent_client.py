@@ -22,8 +22,10 @@ A stream yields exactly one terminal event, last; events after it are not read.
 
 Exception tree (``kind`` is a short machine-readable cause)::
 
-    UpstreamError                   kind "unavailable"; "connect" for a transport
-    |                               error after the stream began (never retried)
+    UpstreamError                   kind "unavailable"
+    +-- UpstreamDisconnected        "connect": the connection broke after the request
+    |                               was sent (not retried here: the caller knows whether
+    |                               anything reached its user yet)
     +-- UpstreamUnavailable         after all retries: "connect", "server_error" (5xx),
     |                               "rate_limited" (429)
     +-- UpstreamRejected            non-retryable 4xx, "rejected"; status_code, code
@@ -87,6 +89,12 @@ class UpstreamError(Exception):
         self.message = message
         if kind is not None:
             self.kind = kind
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The connection broke after the request was sent (reset, EOF mid-body)."""
+
+    kind = "connect"
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -480,8 +488,8 @@ class AgentClient:
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout("upstream sent no response in time") from exc
             except httpx.TransportError as exc:
-                raise UpstreamError(
-                    f"upstream connection failed: {self._describe(exc)}", kind="connect"
+                raise UpstreamDisconnected(
+                    f"upstream connection failed: {self._describe(exc)}"
                 ) from exc
 
             status = response.status_code
@@ -596,8 +604,8 @@ class AgentClient:
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("upstream went silent mid-stream") from exc
         except httpx.TransportError as exc:
-            raise UpstreamError(
-                f"upstream connection broke mid-stream: {self._describe(exc)}", kind="connect"
+            raise UpstreamDisconnected(
+                f"upstream connection broke mid-stream: {self._describe(exc)}"
             ) from exc
         except httpx.DecodingError as exc:
             raise UpstreamProtocolError(

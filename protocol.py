@@ -133,7 +133,7 @@ class UpstreamFailed(FrameError):
 
 class StorageUnavailable(FrameError):
     code = "storage_error"
-    message = "The message could not be saved; it was not sent. Please try again."
+    message = "The server could not use its database; nothing was saved. Please try again."
 
 
 class CloseError(ChatError):

@@ -76,6 +76,7 @@ from agent_client import (
     ResponseStarted,
     TextDelta,
     ToolCall,
+    UpstreamDisconnected,
     UpstreamError,
 )
 from store import SessionStore, StoredMessage, ToolCallRecord, backup_database
@@ -103,6 +104,9 @@ FINAL_WRITE_TIMEOUT_S = 5.0
 # Frames waiting for a slow client, in characters; past it the client is dropped (1008).
 MAX_OUTBOX_CHARS = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 8 * 1024
+# A stream that breaks before its first delta is tried this often in all.
+UPSTREAM_STREAM_ATTEMPTS = 3
+UPSTREAM_RETRY_BACKOFF_S = 0.25
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 
@@ -696,19 +700,28 @@ class ChatConnection:
                     log.warning("session %s: upstream failed (%s): %s", self.session_id, kind, exc)
                     turn.status = "failed"
                     self._send_error(wire.UpstreamFailed(turn_id=turn.turn_id))
+                except wire.StorageUnavailable as error:
+                    log.error("session %s: database unavailable for turn context", self.session_id)
+                    turn.status = "failed"
+                    error.turn_id = turn.turn_id
+                    self._send_error(error)
             if scope.cancelled_caught:
                 turn.status = "stopped"
         except BaseException:
             # Disconnect, takeover or shutdown: the partial answer is stored all the same.
             turn.status = "interrupted"
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_TIMEOUT_S) as late:
                 await self._store_turn(turn)
+            if late.cancelled_caught:
+                log.error("session %s: turn %s not stored in time", self.session_id, turn.turn_id)
             raise
         finally:
             self._pending_calls.clear()
         try:
             await self._store_turn(turn)
         except wire.StorageUnavailable as error:
+            log.error("session %s: turn %s could not be stored", self.session_id, turn.turn_id)
+            error.turn_id = turn.turn_id
             self._send_error(error)
         self.send(
             wire.ResponseEnd(
@@ -763,8 +776,9 @@ class ChatConnection:
     async def _converse(self, turn: TurnState) -> None:
         """Stream upstream responses until the model is done, answering tool calls
         between rounds. Raises UpstreamError or _TurnFailed."""
-        request = await self._first_request()
+        request = await self._first_request(turn)
         while True:
+            parts_before = len(turn.parts)
             try:
                 calls = await self._stream_round(turn, request)
             except PreviousResponseNotFound:
@@ -772,22 +786,25 @@ class ChatConnection:
                     raise
                 # The upstream forgot the chain (expired or another project): resend history.
                 log.info("session %s: previous response unknown upstream", self.session_id)
-                request = await self._full_history_request()
+                request = await self._full_history_request(turn)
                 continue
             if not calls:
                 return
             outputs = await self._resolve_tool_calls(turn, calls)
-            request = self._tool_output_request(turn, request, calls, outputs)
+            said = "".join(turn.parts[parts_before:])
+            request = self._tool_output_request(turn, request, said, calls, outputs)
 
-    async def _first_request(self) -> ResponseRequest:
+    async def _first_request(self, turn: TurnState) -> ResponseRequest:
+        # The context ends at this turn's own message: messages queued behind it are
+        # context for their own turns, not this one.
         if self.config.upstream_store:
-            chain = await self.server.store.chain_point(self.session_id)
+            chain = await self.server.store.chain_point(self.session_id, up_to=turn.message.id)
             if chain.previous_response_id is not None:
                 return self._request(_input_items(chain.after), chain.previous_response_id)
-        return await self._full_history_request()
+        return await self._full_history_request(turn)
 
-    async def _full_history_request(self) -> ResponseRequest:
-        history = await self.server.store.full_history(self.session_id)
+    async def _full_history_request(self, turn: TurnState) -> ResponseRequest:
+        history = await self.server.store.full_history(self.session_id, up_to=turn.message.id)
         return self._request(_input_items(history), None)
 
     def _request(self, items: list[dict[str, Any]], previous: str | None) -> ResponseRequest:
@@ -803,27 +820,43 @@ class ChatConnection:
         self,
         turn: TurnState,
         request: ResponseRequest,
+        said: str,
         calls: list[ToolCall],
         outputs: list[dict[str, Any]],
     ) -> ResponseRequest:
         if self.config.upstream_store:
             return self._request(outputs, turn.response_id)
         # Without upstream storage nothing can be chained: resend this round's input
-        # with what the model said and asked, then the outputs.
-        said = [_assistant_item(turn.text)] if turn.text else []
+        # with what the model said and asked in this round, then the outputs.
+        text = [_assistant_item(said)] if said else []
         asked = [_function_call_item(c.call_id, c.name, c.arguments) for c in calls]
-        return replace(request, input=[*request.input, *said, *asked, *outputs])
+        return replace(request, input=[*request.input, *text, *asked, *outputs])
 
     async def _stream_round(self, turn: TurnState, request: ResponseRequest) -> list[ToolCall]:
-        calls: list[ToolCall] = []
-        started = trio.current_time()
-        try:
-            async with self.server.agent.stream(request) as events:
-                async for event in events:
-                    self._on_event(turn, event, calls)
-        finally:
-            self.server.metrics.upstream_request_seconds.observe(trio.current_time() - started)
-        return calls
+        """One upstream response. A connection that breaks before anything reached the
+        client (no delta, no tool call) is retried: the contract's "connection errors
+        before the first delta" include a drop after the response headers."""
+        for attempt in range(1, UPSTREAM_STREAM_ATTEMPTS + 1):
+            calls: list[ToolCall] = []
+            parts_before = len(turn.parts)
+            started = trio.current_time()
+            try:
+                async with self.server.agent.stream(request) as events:
+                    async for event in events:
+                        self._on_event(turn, event, calls)
+                return calls
+            except UpstreamDisconnected as exc:
+                if calls or len(turn.parts) > parts_before or attempt == UPSTREAM_STREAM_ATTEMPTS:
+                    raise
+                log.warning(
+                    "session %s: upstream dropped before the first delta (%s); retrying",
+                    self.session_id,
+                    exc,
+                )
+                await trio.sleep(UPSTREAM_RETRY_BACKOFF_S * attempt)
+            finally:
+                self.server.metrics.upstream_request_seconds.observe(trio.current_time() - started)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _on_event(self, turn: TurnState, event: AgentEvent, calls: list[ToolCall]) -> None:
         if isinstance(event, TextDelta):
@@ -1213,10 +1246,9 @@ class ChatServer:
 
     async def _handle_http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
         route = self.http_routes.get(head.path)
-        if route is None:
+        if route is None or head.method not in ("GET", "HEAD"):
+            # The contract: anything but the listed GETs is a 404, other methods included.
             await _answer_http(stream, 404, b'{"error": "not found"}', "application/json")
-        elif head.method not in ("GET", "HEAD"):
-            await _answer_http(stream, 405, b'{"error": "method not allowed"}', "application/json")
         else:
             status, body, content_type = await route()
             await _answer_http(stream, status, body if head.method == "GET" else b"", content_type)
@@ -1248,6 +1280,11 @@ class ChatServer:
     ) -> None:
         try:
             connection = await self._admit(ws, head, session_id)
+        except wire.StorageUnavailable:
+            log.error("session %s: database unavailable, refusing the connection", session_id)
+            self.metrics.connections_closed.labels("1011").inc()
+            await _close_websocket(ws, wire.InternalError("database unavailable"))
+            return
         except wire.CloseError as refused:
             log.info("connection refused: close %d (%s)", refused.close_code, refused.detail)
             self.metrics.connections_closed.labels(str(refused.close_code)).inc()
@@ -1784,9 +1821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(resolved["log-level"].value, resolved["log-format"].value)
     if config.uses_demo_model:
         log.warning("no OPENAI_API_KEY and no --upstream-url: serving the OFFLINE DEMO MODEL")
-    if config.jwt_secret_generated:
-        _print_dev_token(config)
-    trio.run(partial(run_server, config, handle_signals=True))
+    trio.run(partial(_serve_from_command_line, config))
     log.info("stopped")
     return 0
 
@@ -1820,6 +1855,15 @@ def configure_logging(level: str, log_format: str) -> None:
     # Library loggers can print request lines (with tokens in URLs) at debug level.
     for noisy in ("trio-websocket", "httpx", "httpcore", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _serve_from_command_line(config: Config) -> None:
+    """`run_server` with signal handling. The --insecure-dev URL is printed once the
+    listener is bound: with `--port 0` only then is the real port known."""
+    async with trio.open_nursery() as nursery:
+        server: ChatServer = await nursery.start(partial(run_server, config, handle_signals=True))
+        if config.jwt_secret_generated:
+            _print_dev_token(replace(config, port=server.port or config.port))
 
 
 def _print_dev_token(config: Config) -> None:

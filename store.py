@@ -63,6 +63,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id
 CREATE INDEX IF NOT EXISTS messages_in_order ON messages (session_id, anchor, id);
 """
 
+_NO_LIMIT = 2**63 - 1  # SQLite's largest integer: "no upper bound" on anchors
 _COLUMNS = (
     "id, session_id, role, content, status, created_at, client_message_id, "
     "turn_id, response_id, name, call_id, arguments, output"
@@ -281,20 +282,27 @@ class SessionStore:
 
         return await self._run(read, write=False)
 
-    async def full_history(self, session_id: str) -> list[StoredMessage]:
-        """Every message of the session, oldest first."""
+    async def full_history(
+        self, session_id: str, *, up_to: int | None = None
+    ) -> list[StoredMessage]:
+        """Every message of the session, oldest first; with `up_to`, only the part of the
+        conversation up to (and including the turn of) that user message."""
+        last_anchor = up_to if up_to is not None else _NO_LIMIT
 
         def read() -> list[StoredMessage]:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE session_id = ? ORDER BY anchor, id",
-                (session_id,),
+                f"SELECT {_COLUMNS} FROM messages WHERE session_id = ? AND anchor <= ?"
+                " ORDER BY anchor, id",
+                (session_id, last_anchor),
             ).fetchall()
             return [StoredMessage(*row) for row in rows]
 
         return await self._run(read, write=False)
 
-    async def chain_point(self, session_id: str) -> ChainPoint:
-        """The last completed upstream response and everything stored after it."""
+    async def chain_point(self, session_id: str, *, up_to: int | None = None) -> ChainPoint:
+        """The last completed upstream response and everything stored after it (with
+        `up_to`: up to and including that user message's turn)."""
+        last_anchor = up_to if up_to is not None else _NO_LIMIT
 
         def read() -> ChainPoint:
             last = self._db.execute(
@@ -306,8 +314,9 @@ class SessionStore:
             anchor, after_id, response_id = last if last is not None else (0, 0, None)
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM messages WHERE session_id = ?"
-                " AND (anchor > ? OR (anchor = ? AND id > ?)) ORDER BY anchor, id",
-                (session_id, anchor, anchor, after_id),
+                " AND (anchor > ? OR (anchor = ? AND id > ?)) AND anchor <= ?"
+                " ORDER BY anchor, id",
+                (session_id, anchor, anchor, after_id, last_anchor),
             ).fetchall()
             return ChainPoint(response_id, [StoredMessage(*row) for row in rows])
 

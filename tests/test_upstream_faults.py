@@ -173,3 +173,15 @@ async def test_no_store_sends_full_history_and_never_chains(
         {"role": "user", "content": "three"},
     ]
     assert all(b["instructions"] == "You are a test agent." for b in bodies)
+
+
+async def test_connection_dropped_before_the_first_delta_is_retried(
+    server: ChatServer, fake: FakeUpstream
+) -> None:
+    fake.enqueue(DropReply([]), TextReply(["second ", "try"]))
+    async with open_chat(server) as client:
+        await client.send(type="message", content="hi")
+        frames = await client.turn()
+    assert not [f for f in frames if f["type"] == "error"]
+    assert frames[-2]["status"] == "completed" and frames[-2]["full_content"] == "second try"
+    assert len(fake.requests) == 2
