@@ -62,6 +62,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from wsproto.utilities import LocalProtocolError as WsprotoLocalProtocolError
 
 import protocol as wire
 from agent_client import (
@@ -149,6 +150,10 @@ class Config:
     tls_key: str | None = None
     shutdown_grace_s: float = 5.0
     log_content: bool = False
+    # Not flags: tests and embedders lower these to exercise the slow-peer rules.
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+    send_timeout_s: float = SEND_TIMEOUT_S
+    max_outbox_chars: int = MAX_OUTBOX_CHARS
 
     @property
     def uses_demo_model(self) -> bool:
@@ -497,7 +502,7 @@ class ChatConnection:
         self.resumed = resumed
         self.history_length = history_length
         self.finished = trio.Event()
-        self._outbox = Outbox()
+        self._outbox = Outbox(self.config.max_outbox_chars)
         self._queue: deque[QueuedTurn] = deque()
         self._queue_changed = trio.Event()
         self._running: QueuedTurn | None = None
@@ -565,7 +570,7 @@ class ChatConnection:
             text = wire.encode(frame)
             if isinstance(frame, wire.TextDeltaFrame):
                 self.server.metrics.deltas_sent.inc()
-            with trio.move_on_after(SEND_TIMEOUT_S) as timeout:
+            with trio.move_on_after(self.config.send_timeout_s) as timeout:
                 try:
                     await self.ws.send_message(text)
                 except ConnectionClosed:
@@ -599,7 +604,8 @@ class ChatConnection:
         elif isinstance(frame, wire.ToolResponse):
             self._answer_tool(frame)
         elif isinstance(frame, wire.HistoryRequest):
-            self._rate.take()
+            # Not rate-limited: a client reloads history on every (re)connect, and that
+            # must never cost the user a message. The read is bounded by `limit`.
             messages = await self.server.store.history(self.session_id, frame.limit)
             self.send(wire.HistoryReply(messages=[_history_entry(m) for m in messages]))
         # ClientPong: its arrival already counted as activity for the heartbeat.
@@ -1229,7 +1235,7 @@ class ChatServer:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection. Never raises: a failing peer is logged and dropped."""
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            with trio.move_on_after(self.config.handshake_timeout_s):
                 received = await _read_request_head(stream)
             if received is not None:
                 head, raw = received
@@ -1260,20 +1266,26 @@ class ChatServer:
         if session_id is None:
             await _answer_http(stream, 404, b'{"error": "not found"}', "application/json")
             return
-        async with trio.open_nursery() as ws_tasks:
-            ws: WebSocketConnection | None = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-                request = await wrap_server_stream(
-                    ws_tasks,
-                    _ReplayStream(stream, raw),
-                    message_queue_size=WS_MESSAGE_QUEUE_SIZE,
-                    max_message_size=self.config.max_frame_bytes,
-                )
-                ws = await request.accept()
-                self.metrics.connections_opened.inc()
-            if ws is not None:
-                await self._run_session(ws, head, session_id)
-            ws_tasks.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as ws_tasks:
+                ws: WebSocketConnection | None = None
+                with trio.move_on_after(self.config.handshake_timeout_s):
+                    request = await wrap_server_stream(
+                        ws_tasks,
+                        _ReplayStream(stream, raw),
+                        message_queue_size=WS_MESSAGE_QUEUE_SIZE,
+                        max_message_size=self.config.max_frame_bytes,
+                    )
+                    ws = await request.accept()
+                    self.metrics.connections_opened.inc()
+                if ws is not None:
+                    await self._run_session(ws, head, session_id)
+                ws_tasks.cancel_scope.cancel()
+        except* WsprotoLocalProtocolError as errors:
+            # trio-websocket issue #184: a peer's ping that arrives while we close makes
+            # its reader task answer with a pong wsproto refuses. The peer is gone
+            # either way; that is a peer's doing, not a server fault worth a traceback.
+            log.info("websocket peer misbehaved while closing: %s", errors.exceptions[0])
 
     async def _run_session(
         self, ws: WebSocketConnection, head: RequestHead, session_id: str
@@ -1665,7 +1677,10 @@ def _secret(
     values: dict[str, Any], key: str, environ: dict[str, str] | os._Environ[str]
 ) -> str | None:
     """A secret from its setting, else its `-file` setting, else a systemd credential
-    of the same name ($CREDENTIALS_DIRECTORY/<key>)."""
+    of the same name ($CREDENTIALS_DIRECTORY/<key>). Both set is an error: one of
+    them would be silently ignored (an unreadable file included)."""
+    if values[key] and values[f"{key}-file"]:
+        raise ConfigError(f"{key} and {key}-file are both set: keep one")
     if values[key]:
         return str(values[key])
     if values[f"{key}-file"]:
@@ -1789,7 +1804,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(arguments)
     try:
         resolved = resolve_settings(args, os.environ)
-        config = config_from_settings(resolved, os.environ)
+        if args.command == "backup":
+            # Copying the database needs its path only, not the server's secrets.
+            config = Config(db_path=resolved["db"].value)
+        else:
+            config = config_from_settings(resolved, os.environ)
         if args.command == "check-config":
             _check_deployment(config)
     except ConfigError as exc:
