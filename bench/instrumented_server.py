@@ -1,0 +1,142 @@
+"""Run ``server.main()`` unchanged, with a trio Instrument that measures loop stalls.
+
+    python bench/instrumented_server.py STALL_FILE serve --port 0 --db ... (server.py's args)
+
+A stall is one pass of trio's run loop between two I/O waits: from ``after_io_wait``
+to the next ``before_io_wait`` the loop runs ready tasks and polls nothing, so a
+task that became ready meanwhile (a socket became readable, a timer expired) waits
+at least that long. Two calls per loop pass: cheap enough to leave on while the
+CPU cost is measured. Each report also gives the main thread's CPU time in that
+longest pass (wall much larger than CPU: the process was descheduled or blocked in
+a syscall, not computing), the most CPU any one pass used, and the longest
+garbage-collector pause.
+
+On SIGUSR1 the largest pass since the last SIGUSR1 is appended to STALL_FILE as a
+JSON line and the maximum is reset; on exit a last line (``"final": true``) with
+the maximum over the whole run is written. With ``BENCH_CPROFILE=PATH`` in the
+environment the whole run is profiled with cProfile and the stats dumped to PATH.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import server  # noqa: E402
+
+
+class StallMeter(trio.abc.Instrument):
+    """Longest loop pass without an I/O poll, since the last reset and overall."""
+
+    def __init__(self) -> None:
+        self._pass_started: float | None = None
+        self._pass_cpu_started = 0.0
+        self._gc_started = 0.0
+        self.max_s = 0.0
+        self.max_cpu_of_max_s = 0.0  # main-thread CPU time spent in the longest pass
+        self.max_cpu_s = 0.0  # the pass that used the most CPU
+        self.overall_max_s = 0.0
+        self.passes = 0
+        self.over_5ms = 0
+        self.gc_max_s = 0.0
+        self.gc_full = 0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc_started
+        self.gc_max_s = max(self.gc_max_s, took)
+        if info.get("generation") == 2:
+            self.gc_full += 1
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._pass_started = time.perf_counter()
+        self._pass_cpu_started = time.thread_time()
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self._pass_started is None:
+            return
+        took = time.perf_counter() - self._pass_started
+        cpu = time.thread_time() - self._pass_cpu_started
+        self._pass_started = None
+        self.passes += 1
+        self.max_cpu_s = max(self.max_cpu_s, cpu)
+        if took > 0.005:
+            self.over_5ms += 1
+        if took > self.max_s:
+            self.max_s = took
+            self.max_cpu_of_max_s = cpu
+            if took > self.overall_max_s:
+                self.overall_max_s = took
+
+    def report(self, final: bool = False) -> dict[str, Any]:
+        line = {
+            "max_stall_ms": (self.overall_max_s if final else self.max_s) * 1000,
+            "passes": self.passes,
+            "passes_over_5ms": self.over_5ms,
+            "max_stall_cpu_ms": self.max_cpu_of_max_s * 1000,
+            "max_pass_cpu_ms": self.max_cpu_s * 1000,
+            "gc_max_ms": self.gc_max_s * 1000,
+            "gc_full_collections": self.gc_full,
+            "final": final,
+        }
+        self.max_s = 0.0
+        self.max_cpu_of_max_s = 0.0
+        self.max_cpu_s = 0.0
+        self.gc_max_s = 0.0
+        self.gc_full = 0
+        self.passes = 0
+        self.over_5ms = 0
+        return line
+
+
+def main() -> int:
+    stall_file = Path(sys.argv[1])
+    argv = sys.argv[2:]
+    meter = StallMeter()
+
+    def write(line: dict[str, Any]) -> None:
+        with stall_file.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        write(meter.report())
+
+    real_run = trio.run
+
+    def instrumented_run(*args: Any, **kwargs: Any) -> Any:
+        kwargs["instruments"] = [*kwargs.get("instruments", ()), meter]
+        return real_run(*args, **kwargs)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    trio.run = instrumented_run  # server.main() calls trio.run exactly once
+    profile_path = os.environ.get("BENCH_CPROFILE")
+    profiler = cProfile.Profile() if profile_path else None
+    try:
+        if profiler is not None:
+            profiler.enable()
+        return server.main(argv)
+    finally:
+        if profiler is not None and profile_path:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+        trio.run = real_run
+        write(meter.report(final=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

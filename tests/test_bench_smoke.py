@@ -1,0 +1,55 @@
+"""The benchmark still runs: `bench/bench.py --quick` ends by itself and prints one JSON
+line with every figure as a finite number.
+
+Only the shape is checked, never the values: on a loaded CI machine the figures say
+nothing, but a bench that no longer runs, or lost a figure, fails here. Bounded by
+SMOKE_TIMEOUT_S (the quick mode takes < 30 s on an idle 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+SMOKE_TIMEOUT_S = 180
+FIGURES = (
+    "idle_kb_per_conn_1",
+    "idle_kb_per_conn_2",
+    "relay_cpu_s_per_1000_deltas",
+    "relay_deltas_per_s",
+    "unpaced_deltas_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "ttfd_quiet_p50_ms",
+    "ttfd_load_p50_ms",
+    "stop_p50_ms",
+    "stop_p99_ms",
+    "stall_max_ms",
+)
+
+
+def test_quick_bench_prints_every_figure_as_a_number() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, done.stdout[-4000:] + done.stderr[-4000:]
+    figures = json.loads(lines[-1])
+    assert figures["bench"] == "quick"
+    for name in FIGURES:
+        assert name in figures, name
+    problems = {
+        name: value
+        for name, value in figures.items()
+        if name != "bench" and not (isinstance(value, int | float) and math.isfinite(value))
+    }
+    assert not problems, (problems, done.stdout[-4000:])
