@@ -322,7 +322,12 @@ async def _read_request_head(stream: trio.abc.Stream) -> tuple[RequestHead, byte
     while True:
         try:
             event = parser.next_event()
-        except h11.RemoteProtocolError:
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                # A head over the limit (a huge cookie or token): say why before closing.
+                await _answer_http(
+                    stream, 431, b'{"error": "request head too large"}', "application/json"
+                )
             return None
         if isinstance(event, h11.Request):
             headers = {
@@ -343,7 +348,12 @@ async def _read_request_head(stream: trio.abc.Stream) -> tuple[RequestHead, byte
 async def _answer_http(
     stream: trio.abc.Stream, status: int, body: bytes, content_type: str
 ) -> None:
-    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}.get(status, b"")
+    reason = {
+        200: b"OK",
+        404: b"Not Found",
+        405: b"Method Not Allowed",
+        431: b"Request Header Fields Too Large",
+    }.get(status, b"")
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
         b"cache-control: no-store\r\nconnection: close\r\n\r\n"
