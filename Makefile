@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint
+.PHONY: run test lint browser bench binary test-binary
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,5 +17,28 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-test: lint
+# The page tests drive Debian's chromium: installed here when root or sudo allows it
+# (CI runs as root); without it they are skipped outside CI and fail under CI=true.
+browser:
+	bash build/install-browser.sh || echo "no chromium: the page tests will be skipped"
+
+test: lint browser
 	$(PY) -m pytest -q
+
+# The single executable, dist/chat-agent-server (PyInstaller, pyproject's `build` group).
+$(VENV)/.installed-build: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,build]'
+	touch $@
+
+binary: $(VENV)/.installed-build
+	PY=$(PY) bash build/build-binary.sh
+
+# The smoke test against a built executable (tests/test_binary.py).
+CHAT_BINARY ?= dist/chat-agent-server
+
+test-binary: $(VENV)/.installed
+	CHAT_BINARY=$(abspath $(CHAT_BINARY)) $(PY) -m pytest -q tests/test_binary.py
+
+# The performance benchmark (bench/README.md): a few minutes, prints a table and a JSON line.
+bench: $(VENV)/.installed
+	$(PY) bench/bench.py $(ARGS)
