@@ -34,6 +34,7 @@ maps exceptions to frames or close codes in one place (`ChatError.to_frame` and
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -382,3 +383,12 @@ ServerFrame = (
 def encode(frame: ServerFrame) -> str:
     """One server frame as JSON text."""
     return frame.model_dump_json()
+
+
+def encode_text_delta(turn_id: str, content: str) -> str:
+    """A `text_delta` frame as JSON text, without building a model: the same JSON as
+    `encode(TextDeltaFrame(...))`, on the path every token of every answer takes."""
+    return (
+        f'{{"type":"text_delta","turn_id":{json.dumps(turn_id, ensure_ascii=False)},'
+        f'"content":{json.dumps(content, ensure_ascii=False)}}}'
+    )

@@ -9,9 +9,10 @@ Architecture (one process, one trio event loop)::
             └── ChatConnection.run          one nursery per connection
                 ├── _receive_loop           parse frames, queue messages, stop, tools
                 ├── _send_loop              the only writer; drains the bounded Outbox
-                ├── _heartbeat_loop         JSON ping + ping frame, drops silent peers
-                ├── _expiry_watch           closes with 4001 when the token expires
-                └── _turn_loop              one turn at a time, each in its own cancel scope
+                ├── _heartbeat_loop         JSON ping + ping frame, drops silent peers,
+                │                           closes with 4001 when the token expires
+                └── _run_queued_turns       started on demand: the queued turns one at a
+                                            time, each in its own cancel scope
 
 `stop` is `turn_scope.cancel()`: the upstream request lives inside that scope and
 is closed with it. Disconnect, takeover and shutdown cancel the connection's
@@ -27,6 +28,7 @@ Error handling: every failure inside one connection ends that connection only
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -40,7 +42,6 @@ import sys
 import time
 import tomllib
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -105,6 +106,8 @@ FINAL_WRITE_TIMEOUT_S = 5.0
 # Frames waiting for a slow client, in characters; past it the client is dropped (1008).
 MAX_OUTBOX_CHARS = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 8 * 1024
+# Young-generation size for the garbage collector (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 20_000
 # A stream that breaks before its first delta is tried this often in all.
 UPSTREAM_STREAM_ATTEMPTS = 3
 UPSTREAM_RETRY_BACKOFF_S = 0.25
@@ -266,11 +269,21 @@ def issue_token(secret: str, subject: str, ttl_s: int) -> str:
 # =========================================================================== HTTP front
 
 
-@dataclass(frozen=True)
+@dataclass
 class RequestHead:
+    """A request head and the bytes it came in (trio-websocket must read them again)."""
+
     method: str
     target: str
     headers: dict[str, str]
+    raw: bytes = b""
+
+    def release(self) -> None:
+        """Drop the bytes and headers once admission has used them: the frames that
+        hold this object stay alive as long as the connection, often for hours."""
+        self.raw = b""
+        self.headers = {}
+        self.target = ""  # it may carry the token in its query
 
     @property
     def path(self) -> str:
@@ -314,7 +327,7 @@ class _ReplayStream(trio.abc.Stream):
         await self._inner.aclose()
 
 
-async def _read_request_head(stream: trio.abc.Stream) -> tuple[RequestHead, bytes] | None:
+async def _read_request_head(stream: trio.abc.Stream) -> RequestHead | None:
     """Read until a full request head. Returns it and every byte read, or None if the
     peer closed or sent something that is not HTTP/1.1 or is too large."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
@@ -335,7 +348,8 @@ async def _read_request_head(stream: trio.abc.Stream) -> tuple[RequestHead, byte
                 for name, value in event.headers
             }
             head = RequestHead(event.method.decode(), event.target.decode("latin-1"), headers)
-            return head, bytes(raw)
+            head.raw = bytes(raw)
+            return head
         if event is not h11.NEED_DATA:
             return None
         data = await stream.receive_some(4096)
@@ -379,36 +393,57 @@ class Outbox:
     """
 
     def __init__(self, max_chars: int = MAX_OUTBOX_CHARS) -> None:
-        self._frames: deque[wire.ServerFrame] = deque()
+        # A plain list: it holds a handful of frames at most, and an empty list costs
+        # a fraction of an empty deque on every idle connection.
+        self._frames: list[wire.ServerFrame | PendingDeltas] = []
         self._chars = 0
         self._max_chars = max_chars
-        self._ready = trio.Event()
+        self._sender = trio.lowlevel.ParkingLot()
 
     def put(self, frame: wire.ServerFrame) -> None:
-        size = _frame_weight(frame)
+        self._add(_frame_weight(frame))
+        self._frames.append(frame)
+
+    def put_delta(self, turn_id: str, text: str) -> None:
+        """Queue a text delta, merged into the delta before it if that one still waits.
+        The hot path: no frame model is built until the text is sent."""
+        self._add(_DELTA_OVERHEAD_CHARS + len(text))
+        last = self._frames[-1] if self._frames else None
+        if isinstance(last, PendingDeltas) and last.turn_id == turn_id:
+            last.parts.append(text)
+        else:
+            self._frames.append(PendingDeltas(turn_id, [text]))
+
+    def _add(self, size: int) -> None:
         if self._chars + size > self._max_chars:
             raise wire.SlowConsumer()
-        last = self._frames[-1] if self._frames else None
-        if (
-            isinstance(frame, wire.TextDeltaFrame)
-            and isinstance(last, wire.TextDeltaFrame)
-            and last.turn_id == frame.turn_id
-        ):
-            self._frames[-1] = wire.TextDeltaFrame(
-                turn_id=frame.turn_id, content=last.content + frame.content
-            )
-        else:
-            self._frames.append(frame)
         self._chars += size
-        self._ready.set()
+        self._sender.unpark_all()
 
-    async def take(self) -> wire.ServerFrame:
+    async def take(self) -> wire.ServerFrame | PendingDeltas:
         while not self._frames:
-            self._ready = trio.Event()
-            await self._ready.wait()
-        frame = self._frames.popleft()
-        self._chars -= _frame_weight(frame)
-        return frame
+            await self._sender.park()
+        item = self._frames.pop(0)
+        self._chars -= item.weight() if isinstance(item, PendingDeltas) else _frame_weight(item)
+        return item
+
+
+_DELTA_OVERHEAD_CHARS = 64
+
+
+@dataclass(slots=True)
+class PendingDeltas:
+    """Text deltas of one turn waiting for the sender; more than one part only while
+    the client lags. Joined and encoded once, when sent."""
+
+    turn_id: str
+    parts: list[str]
+
+    def weight(self) -> int:
+        return sum(_DELTA_OVERHEAD_CHARS + len(part) for part in self.parts)
+
+    def encode(self) -> str:
+        return wire.encode_text_delta(self.turn_id, "".join(self.parts))
 
 
 def _frame_weight(frame: wire.ServerFrame) -> int:
@@ -513,11 +548,12 @@ class ChatConnection:
         self.history_length = history_length
         self.finished = trio.Event()
         self._outbox = Outbox(self.config.max_outbox_chars)
-        self._queue: deque[QueuedTurn] = deque()
-        self._queue_changed = trio.Event()
+        self._queue: list[QueuedTurn] = []
+        self._turns_task_started = False
         self._running: QueuedTurn | None = None
         self._pending_calls: dict[str, PendingToolCall] = {}
-        self._activity = trio.Event()
+        # Set while a heartbeat waits for an answer; any received frame is one.
+        self._activity: trio.Event | None = None
         self._rate = RateLimiter(self.config.rate_limit_messages, self.config.rate_limit_window_s)
         self._nursery: trio.Nursery | None = None
         self._close_error: wire.CloseError | None = None
@@ -539,12 +575,11 @@ class ChatConnection:
                         history_length=self.history_length,
                     )
                 )
+                # An idle connection is these three tasks (plus trio-websocket's reader);
+                # the turns task exists only while there is work (memory per connection).
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self._heartbeat_loop)
-                nursery.start_soon(self._turn_loop)
-                if self.token_expiry is not None:
-                    nursery.start_soon(self._expiry_watch, self.token_expiry)
         finally:
             with trio.CancelScope(shield=True):
                 await _close_websocket(self.ws, self._close_error or _NormalClose())
@@ -566,8 +601,18 @@ class ChatConnection:
         try:
             self._outbox.put(frame)
         except wire.SlowConsumer as exc:
-            log.warning("session %s: client not reading, closing", self.session_id)
-            self.close(exc)
+            self._too_slow(exc)
+
+    def send_delta(self, turn_id: str, text: str) -> None:
+        """Queue one text delta (see `send`)."""
+        try:
+            self._outbox.put_delta(turn_id, text)
+        except wire.SlowConsumer as exc:
+            self._too_slow(exc)
+
+    def _too_slow(self, error: wire.SlowConsumer) -> None:
+        log.warning("session %s: client not reading, closing", self.session_id)
+        self.close(error)
 
     def _send_error(self, error: wire.FrameError) -> None:
         self.send(error.to_frame())
@@ -575,20 +620,31 @@ class ChatConnection:
     # ------------------------------------------------------------------ tasks
 
     async def _send_loop(self) -> None:
-        while True:
-            frame = await self._outbox.take()
-            text = wire.encode(frame)
-            if isinstance(frame, wire.TextDeltaFrame):
-                self.server.metrics.deltas_sent.inc()
-            with trio.move_on_after(self.config.send_timeout_s) as timeout:
-                try:
-                    await self.ws.send_message(text)
-                except ConnectionClosed:
-                    self.close(_PeerGone())
-                    return
-            if timeout.cancelled_caught:
-                self.close(wire.SlowConsumer())
-                return
+        # One scope for the whole loop, its deadline armed only while a frame is being
+        # written: a client that does not read for send_timeout_s is dropped (1008).
+        with trio.CancelScope() as send_deadline:
+            while await self._send_next(send_deadline):
+                pass
+        if send_deadline.cancelled_caught:
+            self.close(wire.SlowConsumer())
+
+    async def _send_next(self, send_deadline: trio.CancelScope) -> bool:
+        """Send the next frame (one call per frame, so an idle connection does not keep
+        its last frame alive). Returns False once the peer is gone."""
+        item = await self._outbox.take()
+        if isinstance(item, PendingDeltas):
+            text = item.encode()
+            self.server.metrics.deltas_sent.inc()
+        else:
+            text = wire.encode(item)
+        send_deadline.deadline = trio.current_time() + self.config.send_timeout_s
+        try:
+            await self.ws.send_message(text)
+        except ConnectionClosed:
+            self.close(_PeerGone())
+            return False
+        send_deadline.deadline = math.inf
+        return True
 
     async def _receive_loop(self) -> None:
         while True:
@@ -598,7 +654,8 @@ class ChatConnection:
                 too_large = closed.reason is not None and closed.reason.code == 1009
                 self.close(wire.FrameTooLarge() if too_large else _PeerGone())
                 return
-            self._activity.set()
+            if self._activity is not None:
+                self._activity.set()
             try:
                 await self._dispatch(wire.parse_client_frame(raw))
             except wire.FrameError as error:
@@ -636,7 +693,9 @@ class ChatConnection:
         if self.config.log_content:
             log.info("session %s: user message %d: %r", self.session_id, message.id, frame.content)
         self._queue.append(QueuedTurn(message))
-        self._queue_changed.set()
+        if not self._turns_task_started and self._nursery is not None:
+            self._turns_task_started = True
+            self._nursery.start_soon(self._run_queued_turns)
 
     def _stop(self) -> None:
         # Queued messages stay in history (they were committed on arrival) and so are
@@ -660,21 +719,43 @@ class ChatConnection:
         pending.answered.set()
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.config.heartbeat_interval_s
-        timeout = self.config.heartbeat_timeout_s
+        """Ping every interval and drop a peer that answers nothing in time. The same
+        timer closes the connection with 4001 when its token expires (one task, not two:
+        memory per idle connection)."""
+        expires_at = math.inf
+        if self.token_expiry is not None:
+            expires_at = trio.current_time() + (self.token_expiry - time.time())
         while True:
-            await trio.sleep(interval)
-            self._activity = trio.Event()
-            self.send(wire.ServerPing(timestamp=wire.utc_timestamp()))
-            with trio.move_on_after(timeout) as deadline:
-                async with trio.open_nursery() as race:
-                    race.start_soon(self._await_pong, race.cancel_scope)
-                    await self._activity.wait()
-                    race.cancel_scope.cancel()
-            if deadline.cancelled_caught:
+            await trio.sleep_until(
+                min(trio.current_time() + self.config.heartbeat_interval_s, expires_at)
+            )
+            answered = trio.current_time() < expires_at and await self._ping_and_wait(
+                min(trio.current_time() + self.config.heartbeat_timeout_s, expires_at)
+            )
+            if trio.current_time() >= expires_at:
+                log.info("session %s: token expired, closing", self.session_id)
+                self.close(wire.Unauthorized("token expired"))
+                return
+            if not answered:
                 log.info("session %s: no heartbeat answer, closing", self.session_id)
                 self.close(_HeartbeatTimeout())
                 return
+
+    async def _ping_and_wait(self, deadline: float) -> bool:
+        """Send a JSON ping and a ping frame; True once the pong or any frame arrives
+        before `deadline`."""
+        self._activity = activity = trio.Event()
+        self.send(wire.ServerPing(timestamp=wire.utc_timestamp()))
+        try:
+            with trio.move_on_at(deadline):
+                async with trio.open_nursery() as race:
+                    race.start_soon(self._await_pong, race.cancel_scope)
+                    await activity.wait()
+                    race.cancel_scope.cancel()
+                return True
+            return False
+        finally:
+            self._activity = None
 
     async def _await_pong(self, race: trio.CancelScope) -> None:
         try:
@@ -683,21 +764,17 @@ class ChatConnection:
             self.close(_PeerGone())
         race.cancel()
 
-    async def _expiry_watch(self, expiry: float) -> None:
-        await trio.sleep(max(0.0, expiry - time.time()))
-        log.info("session %s: token expired, closing", self.session_id)
-        self.close(wire.Unauthorized("token expired"))
-
-    async def _turn_loop(self) -> None:
-        while True:
-            while not self._queue:
-                self._queue_changed = trio.Event()
-                await self._queue_changed.wait()
-            self._running = self._queue.popleft()
-            try:
-                await self._run_turn(self._running)
-            finally:
-                self._running = None
+    async def _run_queued_turns(self) -> None:
+        """The generation task: runs queued turns one at a time, then ends."""
+        try:
+            while self._queue:
+                self._running = self._queue.pop(0)
+                try:
+                    await self._run_turn(self._running)
+                finally:
+                    self._running = None
+        finally:
+            self._turns_task_started = False
 
     # ------------------------------------------------------------------ turns
 
@@ -883,7 +960,7 @@ class ChatConnection:
                         turn.first_delta_at - turn.started_at
                     )
                 turn.parts.append(event.text)
-                self.send(wire.TextDeltaFrame(turn_id=turn.turn_id, content=event.text))
+                self.send_delta(turn.turn_id, event.text)
         elif isinstance(event, ToolCall):
             calls.append(event)
         elif isinstance(event, ResponseStarted):
@@ -1245,12 +1322,12 @@ class ChatServer:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection. Never raises: a failing peer is logged and dropped."""
         try:
+            head: RequestHead | None = None
             with trio.move_on_after(self.config.handshake_timeout_s):
-                received = await _read_request_head(stream)
-            if received is not None:
-                head, raw = received
+                head = await _read_request_head(stream)
+            if head is not None:
                 if head.is_websocket_upgrade:
-                    await self._handle_websocket(stream, head, raw)
+                    await self._handle_websocket(stream, head)
                 else:
                     await self._handle_http(stream, head)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
@@ -1269,9 +1346,7 @@ class ChatServer:
             status, body, content_type = await route()
             await _answer_http(stream, status, body if head.method == "GET" else b"", content_type)
 
-    async def _handle_websocket(
-        self, stream: trio.abc.Stream, head: RequestHead, raw: bytes
-    ) -> None:
+    async def _handle_websocket(self, stream: trio.abc.Stream, head: RequestHead) -> None:
         session_id = _session_id_from_path(head.path)
         if session_id is None:
             await _answer_http(stream, 404, b'{"error": "not found"}', "application/json")
@@ -1282,7 +1357,7 @@ class ChatServer:
                 with trio.move_on_after(self.config.handshake_timeout_s):
                     request = await wrap_server_stream(
                         ws_tasks,
-                        _ReplayStream(stream, raw),
+                        _ReplayStream(stream, head.raw),
                         message_queue_size=WS_MESSAGE_QUEUE_SIZE,
                         max_message_size=self.config.max_frame_bytes,
                     )
@@ -1312,6 +1387,7 @@ class ChatServer:
             self.metrics.connections_closed.labels(str(refused.close_code)).inc()
             await _close_websocket(ws, refused)
             return
+        head.release()
         user_id = connection.user_id
         self._sessions[session_id] = connection
         self._connections_by_user[user_id] = self._connections_by_user.get(user_id, 0) + 1
@@ -1791,7 +1867,8 @@ def _print_settings(resolved: dict[str, ResolvedSetting]) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="server.py", description=__doc__.split("\n")[0])
+    program = Path(sys.argv[0]).name or "server.py"
+    parser = argparse.ArgumentParser(prog=program, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
     _add_setting_flags(commands.add_parser("serve", help="run the server (the default)"))
     check = commands.add_parser("check-config", help="validate the configuration and exit")
@@ -1891,8 +1968,19 @@ async def _serve_from_command_line(config: Config) -> None:
     listener is bound: with `--port 0` only then is the real port known."""
     async with trio.open_nursery() as nursery:
         server: ChatServer = await nursery.start(partial(run_server, config, handle_signals=True))
+        _tune_garbage_collector()
         if config.jwt_secret_generated:
             _print_dev_token(replace(config, port=server.port or config.port))
+
+
+def _tune_garbage_collector() -> None:
+    """Everything alive once the server listens (modules, pydantic schemas, the store)
+    lives as long as the process: freeze it out of the collector's scans. A larger
+    young generation means fewer collections per relayed delta, and rarer full
+    collections, whose pause grows with the number of open connections."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
 
 def _print_dev_token(config: Config) -> None:
