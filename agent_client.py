@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 # Error bodies are short JSON; we only need error.code and error.message from them.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# After the terminal event, the rest of the body is read for this long at most.
+BODY_DRAIN_TIMEOUT_S = 0.05
 # Pace of the offline demo model: fast enough to be pleasant, slow enough to see
 # streaming (and to have something to stop).
 DEMO_WORD_INTERVAL_S = 0.04
@@ -598,6 +600,7 @@ class AgentClient:
                         if event.response_id is None:
                             event = replace(event, response_id=response_id)
                         yield event
+                        await _finish_body(chunks)
                         return
                     if event is not None:
                         yield event
@@ -612,6 +615,21 @@ class AgentClient:
                 f"upstream body could not be decoded: {self._describe(exc)}"
             ) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
+
+async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows the terminal event (normally just the end of the chunked
+    body), briefly: a fully read response goes back to httpx's pool, so the next turn
+    skips a TCP and TLS handshake. Whatever goes wrong here, the answer is complete."""
+    with trio.move_on_after(BODY_DRAIN_TIMEOUT_S):
+        try:
+            drained = 0
+            async for chunk in chunks:
+                drained += len(chunk)
+                if drained > MAX_ERROR_BODY_BYTES:
+                    return
+        except httpx.HTTPError:
+            return
 
 
 # --- synthetic streams: the demo model and the test fake share these ----------

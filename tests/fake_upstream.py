@@ -62,10 +62,19 @@ class RecordedRequest:
 class _Exchange:
     """Writes one HTTP response through h11; tracks whether the client is gone."""
 
-    def __init__(self, conn: h11.Connection, stream: trio.SocketStream, rec: RecordedRequest):
+    def __init__(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        rec: RecordedRequest,
+        *,
+        keep_alive: bool = False,
+    ) -> None:
         self._conn = conn
         self._stream = stream
+        self._keep_alive = keep_alive
         self.rec = rec
+        self.early_bytes = b""
 
     def note_client_closed(self) -> None:
         if self.rec.client_closed_at is None:
@@ -82,7 +91,7 @@ class _Exchange:
                 raise
 
     async def start(self, status: int, headers: dict[str, str]) -> None:
-        merged = {**headers, "connection": "close"}
+        merged = headers if self._keep_alive else {**headers, "connection": "close"}
         await self._send(h11.Response(status_code=status, headers=list(merged.items())))
 
     async def send(self, data: bytes) -> None:
@@ -357,7 +366,11 @@ class FakeUpstream:
     connection is handled in its own task and closed when its exchange ends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_alive: bool = False) -> None:
+        # keep_alive: answer without `Connection: close` and serve the next request on
+        # the same connection when a reply ended normally (what real upstreams do).
+        self.keep_alive = keep_alive
+        self.connections_accepted = 0
         self.requests: list[RecordedRequest] = []
         self.base_url = ""
         self._replies: deque[Reply] = deque()
@@ -391,31 +404,41 @@ class FakeUpstream:
         arrived.set()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections_accepted += 1
         async with stream:
             conn = h11.Connection(h11.SERVER)
-            with trio.move_on_after(REQUEST_READ_TIMEOUT_S):
-                request = await self._read_request(conn, stream)
-            if request is None:
-                return
-            head, body = request
-            rec = RecordedRequest(
-                method=head.method.decode(),
-                path=head.target.decode(),
-                headers={k.decode().lower(): v.decode() for k, v in head.headers},
-                body=_json_or_empty(body),
-                received_at=trio.current_time(),
-            )
-            if rec.method != "POST" or rec.path != "/v1/responses":
-                reply: Reply = StatusReply(404, {"error": {"message": "no such route"}})
-            else:
-                self._record(rec)
-                reply = self._replies.popleft() if self._replies else _echo_reply(rec.body)
-            out = _Exchange(conn, stream, rec)
-            try:
-                await _until_client_closes(stream, out, reply.play)
-            finally:
-                rec.completed_normally = rec.client_closed_at is None
-                rec.done.set()
+            while await self._exchange(conn, stream) and self.keep_alive:
+                conn.start_next_cycle()
+
+    async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
+        """Serve one request; True if the connection can serve another."""
+        request = None
+        with trio.move_on_after(REQUEST_READ_TIMEOUT_S):
+            request = await self._read_request(conn, stream)
+        if request is None:
+            return False
+        head, body = request
+        rec = RecordedRequest(
+            method=head.method.decode(),
+            path=head.target.decode(),
+            headers={k.decode().lower(): v.decode() for k, v in head.headers},
+            body=_json_or_empty(body),
+            received_at=trio.current_time(),
+        )
+        if rec.method != "POST" or rec.path != "/v1/responses":
+            reply: Reply = StatusReply(404, {"error": {"message": "no such route"}})
+        else:
+            self._record(rec)
+            reply = self._replies.popleft() if self._replies else _echo_reply(rec.body)
+        out = _Exchange(conn, stream, rec, keep_alive=self.keep_alive)
+        try:
+            await _until_client_closes(stream, out, reply.play)
+        finally:
+            rec.completed_normally = rec.client_closed_at is None
+            rec.done.set()
+        if out.early_bytes:  # the next request began while the watcher listened
+            conn.receive_data(out.early_bytes)
+        return rec.completed_normally and conn.our_state is h11.DONE
 
     async def _read_request(
         self, conn: h11.Connection, stream: trio.SocketStream
@@ -454,10 +477,10 @@ async def _until_client_closes(
 
     async def watch() -> None:
         try:
-            # The client sends nothing after its request (we said Connection: close),
-            # so any return here is EOF; data would be a pipelined request we ignore.
-            while await stream.receive_some(4096):
-                pass
+            # The client sends nothing during a reply; with keep-alive, bytes may be the
+            # next request, sent the moment this reply ended: keep them for it.
+            while data := await stream.receive_some(4096):
+                out.early_bytes += data
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         out.note_client_closed()

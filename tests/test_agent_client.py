@@ -658,3 +658,21 @@ async def test_demo_model_streams_text_and_completes() -> None:
     text = text_of(events)
     assert "(offline demo model)" in text and "«ping?»" in text and "OPENAI_API_KEY" in text
     assert sum(isinstance(e, TextDelta) for e in events) > 5
+
+
+async def test_a_completed_stream_returns_its_connection_to_the_pool(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = await nursery.start(FakeUpstream(keep_alive=True).serve)
+    upstream.enqueue(TextReply(["one"]), TextReply(["two"]))
+    client = AgentClient(base_url=upstream.base_url, api_key="k", model="m")
+    try:
+        with trio.fail_after(10):
+            for _ in range(2):
+                async with client.stream(ResponseRequest(input=[], instructions="")) as events:
+                    outcome = [event async for event in events]
+                assert isinstance(outcome[-1], Completed)
+    finally:
+        await client.aclose()
+    assert len(upstream.requests) == 2
+    assert upstream.connections_accepted == 1
