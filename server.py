@@ -520,12 +520,13 @@ TOOL_BAD_ARGUMENTS_OUTPUT = "Error: the arguments were not a valid JSON object; 
 class ChatConnection:
     """One authenticated WebSocket on one session.
 
-    Resource handling: `run` owns a nursery holding the receiver, sender, heartbeat,
-    expiry and turn tasks; it returns when any of them ends the connection, after the
-    running turn (if any) has been stored, and then closes the socket with the code
-    that ended it. `close(error)` may be called from anywhere, any number of times:
-    the first reason wins.
+    Resource handling: `run` owns a nursery holding the receiver, sender and heartbeat
+    tasks, and the turns task while there are turns; it returns when any of them ends
+    the connection, after the running turn (if any) has been stored, and then closes
+    the socket with the code that ended it. `close(error)` may be called from anywhere,
+    any number of times: the first reason wins.
     """
+
 
     def __init__(
         self,
