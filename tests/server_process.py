@@ -137,13 +137,20 @@ def base_env(**overrides: str | None) -> dict[str, str]:
 
 @asynccontextmanager
 async def server_process(
-    args: Sequence[str], env: dict[str, str], *, wait_listening: bool = True
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    wait_listening: bool = True,
+    command: Sequence[str] = (),
+    cwd: str | Path = PROJECT_DIR,
 ) -> AsyncIterator[ServerProcess]:
-    """Run `python server.py *args`; with `wait_listening`, yield once its port is known."""
+    """Run `python server.py *args` (or `command`, e.g. the built executable); with
+    `wait_listening`, yield once its port is known. Killed (SIGKILL) and reaped on the
+    way out if still running; its output is read to EOF."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, SERVER_PY, *args],
+        list(command) or [sys.executable, SERVER_PY, *args],
         env=env,
-        cwd=str(PROJECT_DIR),
+        cwd=str(cwd),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

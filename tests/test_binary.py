@@ -35,11 +35,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from server_process import (
-    PIPE_EOF_TIMEOUT_S,
-    ServerProcess,
-    base_env,
-)
+from server_process import ServerProcess, base_env, server_process
 
 from conftest import API_KEY, JWT_SECRET, ChatClient, open_chat, token_for
 from fake_upstream import FakeUpstream, StallReply, TextReply
@@ -84,41 +80,12 @@ def _unpacked(env: dict[str, str]) -> list[str]:
 async def binary_process(
     binary: Path, args: Sequence[str], env: dict[str, str], *, argv: Sequence[str] = ()
 ) -> AsyncIterator[ServerProcess]:
-    """Run the executable (or `argv`, which runs it); yield once its port is known.
-    Killed (SIGKILL) and reaped on the way out if still running; its output is read
-    to EOF."""
-    process = await trio.lowlevel.open_process(
-        list(argv) or [str(binary), *args],
-        env=env,
-        cwd=env["TMPDIR"],  # nothing of the source tree is at hand, as when installed
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    proc = ServerProcess(process, args)
-    try:
-        async with trio.open_nursery() as readers:
-            assert process.stdout is not None and process.stderr is not None
-            readers.start_soon(proc._drain, "stdout", process.stdout)
-            readers.start_soon(proc._drain, "stderr", process.stderr)
-            try:
-                await proc.wait_listening()
-                yield proc
-            finally:
-                with trio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        process.kill()
-                    with trio.move_on_after(PIPE_EOF_TIMEOUT_S):
-                        await process.wait()
-                        await proc._eof["stdout"].wait()
-                        await proc._eof["stderr"].wait()
-                readers.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(PIPE_EOF_TIMEOUT_S):
-                await process.wait()
+    """Run the executable (or `argv`, which runs it) from its TMPDIR, where nothing of
+    the source tree is at hand, as when installed; yield once its port is known."""
+    async with server_process(
+        args, env, command=list(argv) or [str(binary), *args], cwd=env["TMPDIR"]
+    ) as proc:
+        yield proc
 
 
 async def _run(
