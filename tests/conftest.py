@@ -77,6 +77,23 @@ class ChatClient:
                 return closed.reason.code if closed.reason else None
 
 
+async def refusal(
+    url: str, headers: list[tuple[str, str]] | None = None
+) -> tuple[int | None, str]:
+    """Connect and read until the server closes: (close code, close reason). Fails if
+    any frame (a `connected` above all) arrives before the close."""
+    async with open_websocket_url(
+        url, extra_headers=headers, connect_timeout=CLIENT_WAIT_S, disconnect_timeout=CLIENT_WAIT_S
+    ) as ws:
+        with trio.fail_after(CLIENT_WAIT_S):
+            try:
+                frame = await ws.get_message()
+            except ConnectionClosed as closed:
+                reason = closed.reason
+                return (reason.code, reason.reason or "") if reason else (None, "")
+    raise AssertionError(f"a frame arrived before the close: {frame!r}")
+
+
 def ws_url(server: ChatServer, session_id: str, token: str | None, prefix: str = "chat") -> str:
     query = f"?token={token}" if token is not None else ""
     return f"ws://127.0.0.1:{server.port}/ws/{prefix}/{session_id}{query}"

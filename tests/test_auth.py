@@ -19,9 +19,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 
-from conftest import CLIENT_WAIT_S, JWT_SECRET, open_chat, token_for
+from conftest import CLIENT_WAIT_S, JWT_SECRET, open_chat, refusal, token_for
 from fake_upstream import FakeUpstream, TextReply
 from server import MAX_TOKEN_BYTES, ChatServer
 
@@ -90,16 +90,8 @@ async def _refusal_code(
 ) -> int | None:
     """Connect and read until the server closes; the close code. Fails if any frame
     (a `connected` above all) arrives before the close."""
-    url = _url(server, f"/ws/chat/{session_id}", token)
-    async with open_websocket_url(
-        url, extra_headers=headers, connect_timeout=CLIENT_WAIT_S, disconnect_timeout=CLIENT_WAIT_S
-    ) as ws:
-        with trio.fail_after(CLIENT_WAIT_S):
-            try:
-                frame = await ws.get_message()
-            except ConnectionClosed as closed:
-                return closed.reason.code if closed.reason else None
-    raise AssertionError(f"a frame arrived before the close: {frame!r}")
+    code, _ = await refusal(_url(server, f"/ws/chat/{session_id}", token), headers)
+    return code
 
 
 async def _assert_nothing_stored(

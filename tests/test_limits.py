@@ -22,7 +22,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from agent_client import encode_sse
-from conftest import CLIENT_WAIT_S, open_chat, token_for, ws_url
+from conftest import CLIENT_WAIT_S, open_chat, refusal, token_for, ws_url
 from fake_upstream import FakeUpstream, TextReply, _Exchange
 from server import ChatConnection, ChatServer
 
@@ -31,16 +31,8 @@ StartServer = Callable[..., Awaitable[ChatServer]]
 
 async def _close_code(server: ChatServer, session_id: str, user: str) -> int | None:
     """Connect and read until closed; the close code. Fails if a frame arrives first."""
-    url = ws_url(server, session_id, token_for(user))
-    async with open_websocket_url(
-        url, connect_timeout=CLIENT_WAIT_S, disconnect_timeout=CLIENT_WAIT_S
-    ) as ws:
-        with trio.fail_after(CLIENT_WAIT_S):
-            try:
-                frame = await ws.get_message()
-            except ConnectionClosed as closed:
-                return closed.reason.code if closed.reason else None
-    raise AssertionError(f"a frame arrived before the close: {frame!r}")
+    code, _ = await refusal(ws_url(server, session_id, token_for(user)))
+    return code
 
 
 async def _read_to_eof(stream: trio.SocketStream, timeout_s: float) -> bytes:

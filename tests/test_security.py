@@ -23,10 +23,9 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, open_websocket_url
 
 import protocol
-from conftest import API_KEY, CLIENT_WAIT_S, JWT_SECRET, open_chat, token_for
+from conftest import API_KEY, CLIENT_WAIT_S, JWT_SECRET, open_chat, refusal, token_for
 from fake_upstream import FakeUpstream, GarbageReply, StatusReply
 from server import MAX_REQUEST_HEAD_BYTES, ChatServer, JsonLogFormatter
 
@@ -45,17 +44,7 @@ async def _close(
 ) -> tuple[int | None, str]:
     """Connect to `path` and read until closed: (close code, close reason). Fails if a
     frame arrives first."""
-    url = f"ws://127.0.0.1:{server.port}{path}"
-    async with open_websocket_url(
-        url, extra_headers=headers, connect_timeout=CLIENT_WAIT_S, disconnect_timeout=CLIENT_WAIT_S
-    ) as ws:
-        with trio.fail_after(CLIENT_WAIT_S):
-            try:
-                frame = await ws.get_message()
-            except ConnectionClosed as closed:
-                reason = closed.reason
-                return (reason.code, reason.reason or "") if reason else (None, "")
-    raise AssertionError(f"a frame arrived before the close: {frame!r}")
+    return await refusal(f"ws://127.0.0.1:{server.port}{path}", headers)
 
 
 async def _raw_request(port: int, head: bytes) -> bytes:
