@@ -14,15 +14,16 @@ Architecture (one process, one trio event loop)::
                 └── _run_queued_turns       started on demand: the queued turns one at a
                                             time, each in its own cancel scope
 
-`stop` is `turn_scope.cancel()`: the upstream request lives inside that scope and
-is closed with it. Disconnect, takeover and shutdown cancel the connection's
-nursery; the turn then stores its partial answer as `interrupted` in a shielded,
-time-boxed write.
+`stop` is `turn.scope.cancel()` (each queued turn owns its cancel scope): the
+upstream request lives inside that scope and is closed with it. Disconnect,
+takeover and shutdown cancel the connection's nursery; the turn then stores its
+partial answer as `interrupted` in a shielded, time-boxed write.
 
 Error handling: every failure inside one connection ends that connection only
 (logged, close 1011); the server keeps serving. Contract errors are the
-`protocol.ChatError` tree, mapped to frames and close codes in `_send_error` and
-`_close_code_for`.
+`protocol.ChatError` tree: each knows its frame (`FrameError.to_frame`) or close
+code (`CloseError.close_code`); they are applied in one place each, `_send_error`
+and `_close_websocket`.
 """
 
 from __future__ import annotations
