@@ -107,8 +107,12 @@ FINAL_WRITE_TIMEOUT_S = 5.0
 # Frames waiting for a slow client, in characters; past it the client is dropped (1008).
 MAX_OUTBOX_CHARS = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 8 * 1024
-# Young-generation size for the garbage collector (CPython's default is 700).
-GC_YOUNG_THRESHOLD = 20_000
+# Garbage-collector thresholds (CPython's defaults: 700, 10, 10). A full collection
+# scans every object of every open connection (about 200 ms at 10,000 connections),
+# so it is made rare; measured with bench/ (loop stalls), see bench/README.md.
+GC_YOUNG_THRESHOLD = 10_000
+GC_MIDDLE_THRESHOLD = 10
+GC_FULL_THRESHOLD = 1_000
 # A stream that breaks before its first delta is tried this often in all.
 UPSTREAM_STREAM_ATTEMPTS = 3
 UPSTREAM_RETRY_BACKOFF_S = 0.25
@@ -622,30 +626,28 @@ class ChatConnection:
     # ------------------------------------------------------------------ tasks
 
     async def _send_loop(self) -> None:
-        # One scope for the whole loop, its deadline armed only while a frame is being
-        # written: a client that does not read for send_timeout_s is dropped (1008).
-        with trio.CancelScope() as send_deadline:
-            while await self._send_next(send_deadline):
-                pass
-        if send_deadline.cancelled_caught:
-            self.close(wire.SlowConsumer())
+        while await self._send_next():
+            pass
 
-    async def _send_next(self, send_deadline: trio.CancelScope) -> bool:
-        """Send the next frame (one call per frame, so an idle connection does not keep
-        its last frame alive). Returns False once the peer is gone."""
+    async def _send_next(self) -> bool:
+        """Send the next frame; a client that does not take it within send_timeout_s is
+        dropped (1008). One call per frame, so that an idle connection keeps neither
+        its last frame nor a timeout scope alive. Returns False once the peer is gone."""
         item = await self._outbox.take()
         if isinstance(item, PendingDeltas):
             text = item.encode()
             self.server.metrics.deltas_sent.inc()
         else:
             text = wire.encode(item)
-        send_deadline.deadline = trio.current_time() + self.config.send_timeout_s
-        try:
-            await self.ws.send_message(text)
-        except ConnectionClosed:
-            self.close(_PeerGone())
+        with trio.move_on_after(self.config.send_timeout_s) as send_deadline:
+            try:
+                await self.ws.send_message(text)
+            except ConnectionClosed:
+                self.close(_PeerGone())
+                return False
+        if send_deadline.cancelled_caught:
+            self.close(wire.SlowConsumer())
             return False
-        send_deadline.deadline = math.inf
         return True
 
     async def _receive_loop(self) -> None:
@@ -1982,7 +1984,7 @@ def _tune_garbage_collector() -> None:
     collections, whose pause grows with the number of open connections."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, GC_FULL_THRESHOLD)
 
 
 def _print_dev_token(config: Config) -> None:
