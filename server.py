@@ -107,11 +107,11 @@ FINAL_WRITE_TIMEOUT_S = 5.0
 # Frames waiting for a slow client, in characters; past it the client is dropped (1008).
 MAX_OUTBOX_CHARS = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 8 * 1024
-# Garbage-collector thresholds (CPython's defaults: 700, 10, 10). A full collection
-# scans every object of every open connection (about 200 ms at 10,000 connections),
-# so it is made rare; measured with bench/ (loop stalls), see bench/README.md.
-GC_YOUNG_THRESHOLD = 10_000
-GC_MIDDLE_THRESHOLD = 10
+# How many middle-generation collections before a full one (CPython's default: 10).
+# A full collection scans every object of every open connection, about 200 ms at
+# 10,000 connections, and stalls the event loop for that long: it is made rare.
+# The young and middle generations keep CPython's sizes: their pauses stay short.
+# Chosen by measured loop stalls (bench/README.md).
 GC_FULL_THRESHOLD = 1_000
 # A stream that breaks before its first delta is tried this often in all.
 UPSTREAM_STREAM_ATTEMPTS = 3
@@ -1979,12 +1979,12 @@ async def _serve_from_command_line(config: Config) -> None:
 
 def _tune_garbage_collector() -> None:
     """Everything alive once the server listens (modules, pydantic schemas, the store)
-    lives as long as the process: freeze it out of the collector's scans. A larger
-    young generation means fewer collections per relayed delta, and rarer full
-    collections, whose pause grows with the number of open connections."""
+    lives as long as the process: freeze it out of the collector's scans, and make
+    full collections rare (GC_FULL_THRESHOLD)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, GC_FULL_THRESHOLD)
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, GC_FULL_THRESHOLD)
 
 
 def _print_dev_token(config: Config) -> None:
