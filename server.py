@@ -8,7 +8,8 @@ Architecture (one process, one trio event loop)::
         └── WebSocket upgrade   handed to trio-websocket over a replaying stream
             └── ChatConnection.run          one nursery per connection
                 ├── _receive_loop           parse frames, queue messages, stop, tools
-                ├── _send_loop              the only writer; drains the bounded Outbox
+                ├── _send_loop              started on demand: the only writer; drains
+                │                           the bounded Outbox, then ends
                 ├── _heartbeat_loop         JSON ping + ping frame, drops silent peers,
                 │                           closes with 4001 when the token expires
                 └── _run_queued_turns       started on demand: the queued turns one at a
@@ -390,7 +391,7 @@ HttpRoute = Callable[[], Awaitable[HttpAnswer]]
 
 
 class Outbox:
-    """Frames waiting for the one sender task, bounded in characters.
+    """Frames waiting for the sender task, bounded in characters.
 
     While the client lags, consecutive `text_delta`s of one turn are merged into one
     frame (the concatenated text is exactly the same), so a slow reader costs one
@@ -403,7 +404,6 @@ class Outbox:
         self._frames: list[wire.ServerFrame | PendingDeltas] = []
         self._chars = 0
         self._max_chars = max_chars
-        self._sender = trio.lowlevel.ParkingLot()
 
     def put(self, frame: wire.ServerFrame) -> None:
         self._add(_frame_weight(frame))
@@ -423,11 +423,11 @@ class Outbox:
         if self._chars + size > self._max_chars:
             raise wire.SlowConsumer()
         self._chars += size
-        self._sender.unpark_all()
 
-    async def take(self) -> wire.ServerFrame | PendingDeltas:
-        while not self._frames:
-            await self._sender.park()
+    def take(self) -> wire.ServerFrame | PendingDeltas | None:
+        """The oldest waiting frame, or None when there is none."""
+        if not self._frames:
+            return None
         item = self._frames.pop(0)
         self._chars -= item.weight() if isinstance(item, PendingDeltas) else _frame_weight(item)
         return item
@@ -525,13 +525,12 @@ TOOL_BAD_ARGUMENTS_OUTPUT = "Error: the arguments were not a valid JSON object; 
 class ChatConnection:
     """One authenticated WebSocket on one session.
 
-    Resource handling: `run` owns a nursery holding the receiver, sender and heartbeat
-    tasks, and the turns task while there are turns; it returns when any of them ends
+    Resource handling: `run` owns a nursery holding the receiver and heartbeat tasks,
+    and the sender and turns tasks while they have work; it returns when one of them ends
     the connection, after the running turn (if any) has been stored, and then closes
     the socket with the code that ended it. `close(error)` may be called from anywhere,
     any number of times: the first reason wins.
     """
-
 
     def __init__(
         self,
@@ -554,6 +553,7 @@ class ChatConnection:
         self.history_length = history_length
         self.finished = trio.Event()
         self._outbox = Outbox(self.config.max_outbox_chars)
+        self._sender_started = False
         self._queue: list[QueuedTurn] = []
         self._turns_task_started = False
         self._running: QueuedTurn | None = None
@@ -581,12 +581,13 @@ class ChatConnection:
                         history_length=self.history_length,
                     )
                 )
-                # An idle connection is these three tasks (plus trio-websocket's reader);
-                # the turns task exists only while there is work (memory per connection).
-                nursery.start_soon(self._send_loop)
+                # An idle connection is these two tasks (plus trio-websocket's reader);
+                # the sender and the turns task exist only while they have work: tasks
+                # are most of the memory an idle connection costs.
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self._heartbeat_loop)
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await _close_websocket(self.ws, self._close_error or _NormalClose())
                 self.finished.set()
@@ -608,6 +609,7 @@ class ChatConnection:
             self._outbox.put(frame)
         except wire.SlowConsumer as exc:
             self._too_slow(exc)
+        self._start_sender()
 
     def send_delta(self, turn_id: str, text: str) -> None:
         """Queue one text delta (see `send`)."""
@@ -615,6 +617,12 @@ class ChatConnection:
             self._outbox.put_delta(turn_id, text)
         except wire.SlowConsumer as exc:
             self._too_slow(exc)
+        self._start_sender()
+
+    def _start_sender(self) -> None:
+        if not self._sender_started and self._nursery is not None:
+            self._sender_started = True
+            self._nursery.start_soon(self._send_loop)
 
     def _too_slow(self, error: wire.SlowConsumer) -> None:
         log.warning("session %s: client not reading, closing", self.session_id)
@@ -626,14 +634,17 @@ class ChatConnection:
     # ------------------------------------------------------------------ tasks
 
     async def _send_loop(self) -> None:
-        while await self._send_next():
-            pass
+        """The sender: writes queued frames until the outbox is empty, then ends (the
+        next frame starts it again). It is the only task that writes to the socket."""
+        try:
+            while (item := self._outbox.take()) is not None and await self._send(item):
+                pass
+        finally:
+            self._sender_started = False
 
-    async def _send_next(self) -> bool:
-        """Send the next frame; a client that does not take it within send_timeout_s is
-        dropped (1008). One call per frame, so that an idle connection keeps neither
-        its last frame nor a timeout scope alive. Returns False once the peer is gone."""
-        item = await self._outbox.take()
+    async def _send(self, item: wire.ServerFrame | PendingDeltas) -> bool:
+        """Send one frame; a client that does not take it within send_timeout_s is
+        dropped (1008). Returns False once the connection is done."""
         if isinstance(item, PendingDeltas):
             text = item.encode()
             self.server.metrics.deltas_sent.inc()
