@@ -870,16 +870,15 @@ class ChatConnection:
         for call in turn.tool_calls:
             if call.status == "pending":
                 call.output, call.status = TOOL_CANCELLED_OUTPUT, turn.status
-        with trio.move_on_after(FINAL_WRITE_TIMEOUT_S):
-            await self.server.store.finish_turn(
-                self.session_id,
-                reply_to=turn.message.id,
-                turn_id=turn.turn_id,
-                content=turn.text,
-                status=turn.status,
-                response_id=turn.response_id,
-                tool_calls=turn.tool_calls,
-            )
+        await self.server.store.finish_turn(
+            self.session_id,
+            reply_to=turn.message.id,
+            turn_id=turn.turn_id,
+            content=turn.text,
+            status=turn.status,
+            response_id=turn.response_id,
+            tool_calls=turn.tool_calls,
+        )
 
     async def _converse(self, turn: TurnState) -> None:
         """Stream upstream responses until the model is done, answering tool calls

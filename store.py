@@ -308,8 +308,8 @@ class SessionStore:
             last = self._db.execute(
                 "SELECT anchor, id, response_id FROM messages WHERE session_id = ?"
                 " AND role = 'assistant' AND status = 'completed' AND response_id IS NOT NULL"
-                " ORDER BY anchor DESC, id DESC LIMIT 1",
-                (session_id,),
+                " AND anchor <= ? ORDER BY anchor DESC, id DESC LIMIT 1",
+                (session_id, last_anchor),
             ).fetchone()
             anchor, after_id, response_id = last if last is not None else (0, 0, None)
             rows = self._db.execute(

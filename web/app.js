@@ -17,7 +17,6 @@ const STABLE_CONNECTION_MS = 10_000;
 // Our own liveness check, for sockets that die silently (sleeping laptop, lost Wi-Fi).
 const CLIENT_PING_INTERVAL_MS = 25_000;
 const CLIENT_PING_TIMEOUT_MS = 10_000;
-const HISTORY_RETRY_MS = 10_000;
 const DECLINED_TOOL_OUTPUT = "The user declined to run this tool.";
 
 // Close codes that a blind retry cannot fix: say why and wait for the user.
@@ -91,8 +90,6 @@ const state = {
   turns: new Map(), // turn_id -> {el, body, text, renderQueued}
   runningTurns: 0,
   stopping: false,
-  awaitingHistory: false,
-  historyTimer: null,
 };
 
 // ---------------------------------------------------------------- markdown
@@ -155,9 +152,7 @@ function disconnect() {
   state.connected = false;
   stopPinging();
   clearTimeout(state.retryTimer);
-  clearTimeout(state.historyTimer);
   state.retryTimer = null;
-  state.awaitingHistory = false;
   if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
 }
 
@@ -172,8 +167,6 @@ function onClose(event) {
   state.ws = null;
   state.connected = false;
   stopPinging();
-  clearTimeout(state.historyTimer);
-  state.awaitingHistory = false;
   endAllTurns("interrupted");
   showTyping(false);
   const final = FINAL_CLOSES[event.code];
@@ -275,11 +268,10 @@ function onFrame(data) {
 }
 
 function requestHistory() {
-  state.awaitingHistory = send({ type: "history", limit: HISTORY_LIMIT });
+  send({ type: "history", limit: HISTORY_LIMIT });
 }
 
 function onHistory(messages, truncated) {
-  state.awaitingHistory = false;
   ui.transcript.replaceChildren();
   state.turns.clear();
   state.runningTurns = 0;
@@ -385,13 +377,6 @@ function onError(frame) {
     state.resending -= 1;
     const entry = state.outbox.shift();
     entry?.el?.remove(); // the history above already shows it
-    return;
-  }
-  if (frame.code === "rate_limited" && state.awaitingHistory) {
-    // Reading history spends rate budget too: ask again later instead of showing nothing.
-    clearTimeout(state.historyTimer);
-    state.historyTimer = setTimeout(requestHistory, HISTORY_RETRY_MS);
-    showNotice("The conversation could not be loaded yet (too many requests); retrying shortly.");
     return;
   }
   if (["rate_limited", "queue_full", "message_too_large"].includes(frame.code)) {
