@@ -334,8 +334,8 @@ class _ReplayStream(trio.abc.Stream):
 
 
 async def _read_request_head(stream: trio.abc.Stream) -> RequestHead | None:
-    """Read until a full request head. Returns it and every byte read, or None if the
-    peer closed or sent something that is not HTTP/1.1 or is too large."""
+    """Read until a full request head. Returns it (with every byte read, `raw`), or None
+    if the peer closed or sent something that is not HTTP/1.1 or is too large."""
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
     raw = bytearray()
     while True:
@@ -371,7 +371,6 @@ async def _answer_http(
     reason = {
         200: b"OK",
         404: b"Not Found",
-        405: b"Method Not Allowed",
         431: b"Request Header Fields Too Large",
     }.get(status, b"")
     head = (
@@ -1403,6 +1402,11 @@ class ChatServer:
             return
         head.release()
         user_id = connection.user_id
+        racing = self._sessions.get(session_id)
+        if racing is not None:
+            # Another connection of this user was admitted while we awaited the store:
+            # the newest one wins, as with any takeover.
+            racing.close(wire.TakenOver())
         self._sessions[session_id] = connection
         self._connections_by_user[user_id] = self._connections_by_user.get(user_id, 0) + 1
         self._connection_count += 1
