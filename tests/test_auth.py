@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from trio_websocket import open_websocket_url
 
-from conftest import CLIENT_WAIT_S, JWT_SECRET, open_chat, refusal, token_for
+from conftest import CLIENT_WAIT_S, JWT_SECRET, ChatClient, open_chat, refusal, token_for
 from fake_upstream import FakeUpstream, TextReply
 from server import MAX_TOKEN_BYTES, ChatServer
 
@@ -362,6 +362,34 @@ async def test_second_connection_takes_over_old_gets_4009_and_turn_is_interrupte
     ]
     partial = history[1]["content"]
     assert partial and "".join(chunks).startswith(partial) and partial != "".join(chunks)
+
+
+async def test_simultaneous_connections_of_one_user_leave_exactly_one_open(
+    server: ChatServer,
+) -> None:
+    """Both handshakes are admitted concurrently (each awaits the store); whichever
+    registers last takes the session over, the other is closed with 4009."""
+    codes: list[int | None] = []
+    clients: list[ChatClient] = []
+    three_closed = trio.Event()
+
+    async def connect_and_wait() -> None:
+        async with open_chat(server, "s-race", "alice") as client:
+            clients.append(client)
+            codes.append(await client.closed_code())
+            clients.remove(client)
+            if len(codes) == 3:
+                three_closed.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(connect_and_wait)
+            await three_closed.wait()
+            [survivor] = clients
+            await survivor.ws.send_message('{"type": "ping"}')
+            nursery.cancel_scope.cancel()
+    assert codes == [4009, 4009, 4009]
 
 
 # --------------------------------------------------------------------------- origin
