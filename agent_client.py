@@ -138,6 +138,15 @@ class UpstreamTimeout(UpstreamError):
     kind = "timeout"
 
 
+class _Retryable(Exception):
+    """Internal: `failure` happened before the user saw anything; it may be tried again."""
+
+    def __init__(self, failure: UpstreamError, *, retry_after_s: float | None = None) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.retry_after_s = retry_after_s
+
+
 # --- events -------------------------------------------------------------------
 
 
@@ -434,28 +443,121 @@ class AgentClient:
     async def stream(self, request: ResponseRequest) -> AsyncIterator[AsyncIterator[AgentEvent]]:
         """Start one streamed response; ``async with client.stream(req) as events``.
 
-        Entering sends the request, retrying connect errors, 5xx and 429 (up to
-        ``max_attempts`` tries, exponential backoff with jitter, Retry-After
-        honoured up to ``retry_after_cap_s``) before any event is yielded.
-        Raises UpstreamUnavailable when retries run out, UpstreamRejected (or
+        Entering sends the request and reads up to the first event that carries
+        something for the user (text, a tool call, or the end). Until then every
+        failure that is safe to repeat is retried, ``max_attempts`` tries in all,
+        with exponential backoff and jitter (Retry-After honoured up to
+        ``retry_after_cap_s``): connect errors, 5xx, 429, and a connection that
+        breaks before that first event. Raises UpstreamUnavailable or
+        UpstreamDisconnected when the tries run out, UpstreamRejected (or
         PreviousResponseNotFound) for other 4xx, UpstreamProtocolError for a
-        success that is not an event stream, UpstreamTimeout if no response
-        arrives within ``idle_timeout_s``.
+        success that is not an event stream, UpstreamTimeout after
+        ``idle_timeout_s`` of silence.
 
         Iterating yields our events and ends after the terminal one. Raises
-        UpstreamTimeout after ``idle_timeout_s`` of silence, UpstreamError with
-        kind "connect" if the connection breaks (not retried: events were
-        already delivered), UpstreamProtocolError for undecodable or oversized
-        events or a stream that ends with no terminal event.
+        UpstreamTimeout after ``idle_timeout_s`` of silence, UpstreamDisconnected if
+        the connection breaks (no longer retried: the user has seen part of the
+        answer), UpstreamProtocolError for undecodable or oversized events or a
+        stream that ends with no terminal event.
         """
-        response = await self._send_with_retries(request)
+        payload = self._payload(request)
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                response, events, opening = await self._open(payload)
+            except _Retryable as retryable:
+                if attempt == self._max_attempts:
+                    raise retryable.failure from retryable.__cause__
+                await self._wait_before_retry(attempt, retryable.failure, retryable.retry_after_s)
+                continue
+            try:
+                async with aclosing(events):
+                    yield _Resumed(opening, events)
+            finally:
+                # httpcore shields this close from cancellation, so a cancelled turn
+                # still drops the upstream connection here, not at garbage collection.
+                await response.aclose()
+            return
+
+    async def _open(
+        self, payload: dict[str, Any]
+    ) -> tuple[httpx.Response, AsyncGenerator[AgentEvent, None], list[AgentEvent]]:
+        """Send the request and read its opening events (up to and including the first
+        text, tool call or terminal event). Raises _Retryable for what may be tried
+        again, the public errors for the rest."""
+        response = await self._send(payload)
+        events = self._events(response)
+        opening: list[AgentEvent] = []
         try:
-            async with aclosing(self._events(response)) as events:
-                yield events
-        finally:
-            # httpcore shields this close from cancellation, so a cancelled turn
-            # still drops the upstream connection here, not at garbage collection.
+            async for event in events:
+                opening.append(event)
+                if not isinstance(event, ResponseStarted):
+                    break
+        except UpstreamDisconnected as failure:
+            await events.aclose()
             await response.aclose()
+            raise _Retryable(failure) from failure
+        except BaseException:
+            await events.aclose()
+            await response.aclose()
+            raise
+        return response, events, opening
+
+    async def _send(self, payload: dict[str, Any]) -> httpx.Response:
+        """POST the request; the response once it is a 200 event stream."""
+        try:
+            response = await self._http.send(
+                self._http.build_request("POST", self._url, json=payload), stream=True
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Retryable(
+                UpstreamUnavailable(
+                    f"cannot connect to the upstream: {self._describe(exc)}", kind="connect"
+                )
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("upstream sent no response in time") from exc
+        except httpx.TransportError as exc:
+            raise _Retryable(
+                UpstreamDisconnected(f"upstream connection failed: {self._describe(exc)}")
+            ) from exc
+
+        status = response.status_code
+        if status == 429 or status >= 500:
+            try:
+                detail = await self._error_detail(response)
+            finally:
+                await response.aclose()
+            raise _Retryable(
+                UpstreamUnavailable(
+                    f"upstream answered HTTP {status}: {detail[1]}",
+                    kind="rate_limited" if status == 429 else "server_error",
+                    status_code=status,
+                ),
+                retry_after_s=_retry_after_s(response.headers),
+            )
+        if status >= 300:
+            try:
+                code, message = await self._error_detail(response)
+            finally:
+                await response.aclose()
+            cls = UpstreamRejected
+            if status in (400, 404) and (
+                code == "previous_response_not_found" or _PREVIOUS_NOT_FOUND_RE.search(message)
+            ):
+                cls = PreviousResponseNotFound
+            raise cls(
+                f"upstream rejected the request with HTTP {status}: {message}",
+                status_code=status,
+                code=code,
+            )
+        content_type = response.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "text/event-stream":
+            await response.aclose()
+            raise UpstreamProtocolError(
+                f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
+                " not text/event-stream"
+            )
+        return response
 
     def _payload(self, request: ResponseRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -470,69 +572,6 @@ class AgentClient:
         if request.tools:
             payload["tools"] = request.tools
         return payload
-
-    async def _send_with_retries(self, request: ResponseRequest) -> httpx.Response:
-        payload = self._payload(request)
-        for attempt in range(1, self._max_attempts + 1):
-            last_attempt = attempt == self._max_attempts
-            try:
-                response = await self._http.send(
-                    self._http.build_request("POST", self._url, json=payload), stream=True
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                failure = UpstreamUnavailable(
-                    f"cannot connect to the upstream: {self._describe(exc)}", kind="connect"
-                )
-                if last_attempt:
-                    raise failure from exc
-                await self._wait_before_retry(attempt, failure, None)
-                continue
-            except httpx.TimeoutException as exc:
-                raise UpstreamTimeout("upstream sent no response in time") from exc
-            except httpx.TransportError as exc:
-                raise UpstreamDisconnected(
-                    f"upstream connection failed: {self._describe(exc)}"
-                ) from exc
-
-            status = response.status_code
-            if status == 429 or status >= 500:
-                try:
-                    detail = await self._error_detail(response)
-                finally:
-                    await response.aclose()
-                failure = UpstreamUnavailable(
-                    f"upstream answered HTTP {status}: {detail[1]}",
-                    kind="rate_limited" if status == 429 else "server_error",
-                    status_code=status,
-                )
-                if last_attempt:
-                    raise failure
-                await self._wait_before_retry(attempt, failure, _retry_after_s(response.headers))
-                continue
-            if status >= 300:
-                try:
-                    code, message = await self._error_detail(response)
-                finally:
-                    await response.aclose()
-                cls = UpstreamRejected
-                if status in (400, 404) and (
-                    code == "previous_response_not_found" or _PREVIOUS_NOT_FOUND_RE.search(message)
-                ):
-                    cls = PreviousResponseNotFound
-                raise cls(
-                    f"upstream rejected the request with HTTP {status}: {message}",
-                    status_code=status,
-                    code=code,
-                )
-            content_type = response.headers.get("content-type", "")
-            if content_type.partition(";")[0].strip().lower() != "text/event-stream":
-                await response.aclose()
-                raise UpstreamProtocolError(
-                    f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
-                    " not text/event-stream"
-                )
-            return response
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _wait_before_retry(
         self, attempt: int, failure: UpstreamError, retry_after_s: float | None
@@ -615,6 +654,23 @@ class AgentClient:
                 f"upstream body could not be decoded: {self._describe(exc)}"
             ) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
+
+class _Resumed:
+    """The events a stream opened with (read while deciding whether to retry), then
+    the rest of the stream. A class, not an async generator: one call per event."""
+
+    def __init__(self, opening: list[AgentEvent], rest: AsyncIterator[AgentEvent]) -> None:
+        self._opening = opening
+        self._rest = rest
+
+    def __aiter__(self) -> _Resumed:
+        return self
+
+    async def __anext__(self) -> AgentEvent:
+        if self._opening:
+            return self._opening.pop(0)
+        return await anext(self._rest)
 
 
 async def _finish_body(chunks: AsyncIterator[bytes]) -> None:

@@ -80,7 +80,6 @@ from agent_client import (
     ResponseStarted,
     TextDelta,
     ToolCall,
-    UpstreamDisconnected,
     UpstreamError,
 )
 from store import SessionStore, StoredMessage, ToolCallRecord, backup_database
@@ -114,9 +113,6 @@ MAX_TOKEN_BYTES = 8 * 1024
 # The young and middle generations keep CPython's sizes: their pauses stay short.
 # Chosen by measured loop stalls (bench/README.md).
 GC_FULL_THRESHOLD = 1_000
-# A stream that breaks before its first delta is tried this often in all.
-UPSTREAM_STREAM_ATTEMPTS = 3
-UPSTREAM_RETRY_BACKOFF_S = 0.25
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 
@@ -939,30 +935,16 @@ class ChatConnection:
         return replace(request, input=[*request.input, *text, *asked, *outputs])
 
     async def _stream_round(self, turn: TurnState, request: ResponseRequest) -> list[ToolCall]:
-        """One upstream response. A connection that breaks before anything reached the
-        client (no delta, no tool call) is retried: the contract's "connection errors
-        before the first delta" include a drop after the response headers."""
-        for attempt in range(1, UPSTREAM_STREAM_ATTEMPTS + 1):
-            calls: list[ToolCall] = []
-            parts_before = len(turn.parts)
-            started = trio.current_time()
-            try:
-                async with self.server.agent.stream(request) as events:
-                    async for event in events:
-                        self._on_event(turn, event, calls)
-                return calls
-            except UpstreamDisconnected as exc:
-                if calls or len(turn.parts) > parts_before or attempt == UPSTREAM_STREAM_ATTEMPTS:
-                    raise
-                log.warning(
-                    "session %s: upstream dropped before the first delta (%s); retrying",
-                    self.session_id,
-                    exc,
-                )
-                await trio.sleep(UPSTREAM_RETRY_BACKOFF_S * attempt)
-            finally:
-                self.server.metrics.upstream_request_seconds.observe(trio.current_time() - started)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        """One upstream response (the agent client retries what is safe to retry)."""
+        calls: list[ToolCall] = []
+        started = trio.current_time()
+        try:
+            async with self.server.agent.stream(request) as events:
+                async for event in events:
+                    self._on_event(turn, event, calls)
+        finally:
+            self.server.metrics.upstream_request_seconds.observe(trio.current_time() - started)
+        return calls
 
     def _on_event(self, turn: TurnState, event: AgentEvent, calls: list[ToolCall]) -> None:
         if isinstance(event, TextDelta):

@@ -31,6 +31,7 @@ from agent_client import (
     ResponseStarted,
     TextDelta,
     ToolCall,
+    UpstreamDisconnected,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamRejected,
@@ -538,6 +539,34 @@ async def test_dropped_connection_mid_stream(fake: FakeUpstream, client: AgentCl
     assert caught.value.kind == "connect"
     assert text_of(seen) == "partial"
     assert len(fake.requests) == 1  # never retried once events flowed
+
+
+async def test_a_drop_before_the_first_delta_is_retried(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(DropReply([]), TextReply(["second ", "try"]))
+    events = await collect(client)
+    assert text_of(events) == "second try" and isinstance(events[-1], Completed)
+    assert len(fake.requests) == 2
+
+
+async def test_every_kind_of_retry_shares_one_budget_of_three_tries(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(StatusReply(500), DropReply([]), StatusReply(503), TextReply(["never"]))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await collect(client)
+    assert caught.value.status_code == 503
+    assert len(fake.requests) == 3
+
+
+async def test_drops_before_the_first_delta_run_out_as_disconnected(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(*[DropReply([])] * 3, TextReply(["never"]))
+    with pytest.raises(UpstreamDisconnected):
+        await collect(client)
+    assert len(fake.requests) == 3
 
 
 async def test_stall_mid_stream_is_timeout(fake: FakeUpstream) -> None:
