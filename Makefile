@@ -16,6 +16,7 @@ run: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m mypy --strict server.py protocol.py agent_client.py store.py
 
 # The page tests drive Debian's chromium: installed here when root or sudo allows it
 # (CI runs as root); without it they are skipped outside CI and fail under CI=true.

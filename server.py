@@ -242,9 +242,9 @@ class TokenVerifier:
             raise wire.Unauthorized()
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
-            key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
-            if key is None:
+            if not isinstance(algorithm, str) or algorithm not in self._keys:
                 raise wire.Unauthorized()
+            key = self._keys[algorithm]
             required = ["sub"] + ["aud"] * bool(self._audience) + ["iss"] * bool(self._issuer)
             claims = jwt.decode(
                 token,
@@ -311,7 +311,7 @@ class _ReplayStream(trio.abc.Stream):
         self._inner = inner
         self._replay = already_read
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._replay:
             size = len(self._replay) if max_bytes is None else max_bytes
             chunk, self._replay = self._replay[:size], self._replay[size:]
@@ -354,7 +354,7 @@ async def _read_request_head(stream: trio.abc.Stream) -> RequestHead | None:
             return head
         if event is not h11.NEED_DATA:
             return None
-        data = await stream.receive_some(4096)
+        data = bytes(await stream.receive_some(4096))
         if not data:
             return None
         raw += data

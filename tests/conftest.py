@@ -99,7 +99,6 @@ def ws_url(server: ChatServer, session_id: str, token: str | None, prefix: str =
     return f"ws://127.0.0.1:{server.port}/ws/{prefix}/{session_id}{query}"
 
 
-ConnectFn = Callable[..., Any]
 
 
 @pytest.fixture
