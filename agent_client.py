@@ -475,7 +475,7 @@ class AgentClient:
             finally:
                 # httpcore shields this close from cancellation, so a cancelled turn
                 # still drops the upstream connection here, not at garbage collection.
-                await response.aclose()
+                await _close_response(response)
             return
 
     async def _open(
@@ -494,11 +494,11 @@ class AgentClient:
                     break
         except UpstreamDisconnected as failure:
             await events.aclose()
-            await response.aclose()
+            await _close_response(response)
             raise _Retryable(failure) from failure
         except BaseException:
             await events.aclose()
-            await response.aclose()
+            await _close_response(response)
             raise
         return response, events, opening
 
@@ -526,7 +526,7 @@ class AgentClient:
             try:
                 detail = await self._error_detail(response)
             finally:
-                await response.aclose()
+                await _close_response(response)
             raise _Retryable(
                 UpstreamUnavailable(
                     f"upstream answered HTTP {status}: {detail[1]}",
@@ -539,7 +539,7 @@ class AgentClient:
             try:
                 code, message = await self._error_detail(response)
             finally:
-                await response.aclose()
+                await _close_response(response)
             cls = UpstreamRejected
             if status in (400, 404) and (
                 code == "previous_response_not_found" or _PREVIOUS_NOT_FOUND_RE.search(message)
@@ -552,7 +552,7 @@ class AgentClient:
             )
         content_type = response.headers.get("content-type", "")
         if content_type.partition(";")[0].strip().lower() != "text/event-stream":
-            await response.aclose()
+            await _close_response(response)
             raise UpstreamProtocolError(
                 f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
                 " not text/event-stream"
@@ -654,6 +654,20 @@ class AgentClient:
                 f"upstream body could not be decoded: {self._describe(exc)}"
             ) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
+
+async def _close_response(response: httpx.Response) -> None:
+    """Close `response` and break the reference cycle httpx keeps between a response and
+    its body stream, so that the whole connection's objects are freed at once by
+    reference counting. Left to the garbage collector they wait for a full collection,
+    whose pause grows with every object of every open WebSocket (bench/README.md)."""
+    try:
+        await response.aclose()
+    finally:
+        response.stream = _CLOSED_BODY
+
+
+_CLOSED_BODY = httpx.ByteStream(b"")
 
 
 class _Resumed:
