@@ -9,6 +9,7 @@ the 2**62-byte frame header and other hostile peers (test_process.py).
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import socket
@@ -296,3 +297,30 @@ async def test_client_that_stops_reading_is_closed_1008_with_bounded_memory_and_
         ("user", None),
         ("assistant", "interrupted"),
     ]
+
+
+async def test_turns_leave_no_cyclic_garbage(server: ChatServer, fake: FakeUpstream) -> None:
+    """Every object of a finished turn (the upstream connection included) is freed by
+    reference counting: the server never needs a full garbage collection, whose pause
+    grows with all open connections, to get its memory back."""
+    ours = {"httpx", "httpcore", "server", "agent_client", "store", "trio_websocket"}
+    async with open_chat(server) as client:
+        await client.send(type="message", content="warm up")
+        await client.turn()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for n in range(3):
+                await client.send(type="message", content=f"turn {n}")
+                await client.turn()
+            fake.enqueue(TextReply([f"w{n} " for n in range(100)], delay_s=0.02))
+            await client.send(type="message", content="then stop")
+            await client.receive_until("text_delta")
+            await client.send(type="stop")
+            await client.turn()
+            gc.collect()
+            leftovers = [o for o in gc.garbage if type(o).__module__.split(".")[0] in ours]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert leftovers == []
