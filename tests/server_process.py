@@ -167,17 +167,19 @@ async def server_process(
                     await proc.wait_listening()
                 yield proc
             finally:
-                with trio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        process.kill()
-                    with trio.move_on_after(PIPE_EOF_TIMEOUT_S):
-                        await process.wait()
-                        await proc._eof["stdout"].wait()
-                        await proc._eof["stderr"].wait()
+                await _kill_and_reap(process)
+                with trio.CancelScope(shield=True), trio.move_on_after(PIPE_EOF_TIMEOUT_S):
+                    await proc._eof["stdout"].wait()
+                    await proc._eof["stderr"].wait()
                 readers.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(PIPE_EOF_TIMEOUT_S):
-                await process.wait()
+        await _kill_and_reap(process)
+
+
+async def _kill_and_reap(process: trio.Process) -> None:
+    """SIGKILL the child if it still runs and wait for it (bounded, shielded)."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(PIPE_EOF_TIMEOUT_S):
+            await process.wait()
