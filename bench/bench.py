@@ -423,14 +423,7 @@ class Run:
         go_at = time.monotonic() + 0.5
         window = (go_at + ramp_s, go_at + ramp_s + cpu_window_s)
         sampled: dict[str, float] = {}
-
-        def sample_cpu() -> None:
-            sleep_until(window[0])
-            sampled["user0"], sampled["sys0"] = cpu_split_s(self.server_pid)
-            sleep_until(window[1])
-            sampled["user1"], sampled["sys1"] = cpu_split_s(self.server_pid)
-            sampled["cpu0"] = sampled["user0"] + sampled["sys0"]
-            sampled["cpu1"] = sampled["user1"] + sampled["sys1"]
+        sample_cpu = self.cpu_sampler(window, sampled)
 
         self.stall_mark()
         profiler = self.start_profiler("relay", window) if self.profile_out else None
@@ -459,6 +452,22 @@ class Run:
         self.figures["ttfd_load_p50_ms"] = percentile(ttfd, 0.50)
         self.figures["ttfd_load_p99_ms"] = percentile(ttfd, 0.99)
 
+    def cpu_sampler(
+        self, window: tuple[float, float], sampled: dict[str, float]
+    ) -> Callable[[], None]:
+        """A function that records the server's user/system CPU seconds at the start
+        (`*0`) and end (`*1`) of `window` into `sampled` (it sleeps until each)."""
+
+        def sample_cpu() -> None:
+            sleep_until(window[0])
+            sampled["user0"], sampled["sys0"] = cpu_split_s(self.server_pid)
+            sleep_until(window[1])
+            sampled["user1"], sampled["sys1"] = cpu_split_s(self.server_pid)
+            sampled["cpu0"] = sampled["user0"] + sampled["sys0"]
+            sampled["cpu1"] = sampled["user1"] + sampled["sys1"]
+
+        return sample_cpu
+
     def unpaced(self) -> None:
         scale = self.scale
         length_s = scale["unpaced_s"]
@@ -471,14 +480,7 @@ class Run:
         go_at = time.monotonic() + 0.5
         window = (go_at + ramp_s, go_at + length_s - 0.5)
         sampled: dict[str, float] = {}
-
-        def sample_cpu() -> None:
-            sleep_until(window[0])
-            sampled["user0"], sampled["sys0"] = cpu_split_s(self.server_pid)
-            sleep_until(window[1])
-            sampled["user1"], sampled["sys1"] = cpu_split_s(self.server_pid)
-            sampled["cpu0"] = sampled["user0"] + sampled["sys0"]
-            sampled["cpu1"] = sampled["user1"] + sampled["sys1"]
+        sample_cpu = self.cpu_sampler(window, sampled)
 
         self.stall_mark()
         profiler = self.start_profiler("unpaced", window) if self.profile_out else None
