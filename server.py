@@ -447,8 +447,7 @@ class PendingDeltas:
 
 
 def _frame_weight(frame: wire.ServerFrame) -> int:
-    if isinstance(frame, wire.TextDeltaFrame):
-        return 64 + len(frame.content)
+    """Characters a queued frame counts for (text deltas: `PendingDeltas.weight`)."""
     if isinstance(frame, wire.HistoryReply):
         return 64 + sum(128 + len(entry.content) for entry in frame.messages)
     return 256
@@ -817,6 +816,7 @@ class ChatConnection:
                 await self._store_turn(turn)
             if late.cancelled_caught:
                 log.error("session %s: turn %s not stored in time", self.session_id, turn.turn_id)
+            self._log_turn_end(turn)
             raise
         finally:
             self._pending_calls.clear()

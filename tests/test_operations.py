@@ -320,6 +320,23 @@ async def test_metrics_count_upstream_errors_by_kind_and_refusals_by_close_code(
         assert _value(after, name, **labels) - _value(before, name, **labels) == 1, name
 
 
+async def test_metrics_count_a_turn_interrupted_by_a_disconnect(
+    server: ChatServer, fake: FakeUpstream
+) -> None:
+    fake.enqueue(TextReply([f"w{n} " for n in range(100)], delay_s=0.05))
+    async with httpx.AsyncClient() as http:
+        before = await _scrape(http, server)
+        async with open_chat(server, "vanishing") as client:
+            await client.send(type="message", content="talk")
+            await client.receive_until("text_delta")
+            await client.ws._stream.aclose()  # vanish: TCP gone, no close frame
+        name, labels = "chat_turns_total", {"status": "interrupted"}
+        after = await _scrape_until(
+            http, server, lambda s: _value(s, name, **labels) > _value(before, name, **labels)
+        )
+    assert _value(after, name, **labels) - _value(before, name, **labels) == 1
+
+
 # =========================================================================== systemd notify
 
 
