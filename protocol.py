@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -383,6 +384,24 @@ ServerFrame = (
 def encode(frame: ServerFrame) -> str:
     """One server frame as JSON text."""
     return frame.model_dump_json()
+
+
+def encode_text_delta_frame(turn_id: str, content: str) -> bytes:
+    """`encode_text_delta` as a whole WebSocket message (RFC 6455 §5.2): one final,
+    unmasked text frame, as a server sends it when no extension was negotiated (the
+    server offers none). The hot path writes these bytes to the socket itself."""
+    payload = encode_text_delta(turn_id, content).encode()
+    size = len(payload)
+    if size < 126:
+        header = bytes((_FINAL_TEXT_FRAME, size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", _FINAL_TEXT_FRAME, 126, size)
+    else:
+        header = struct.pack("!BBQ", _FINAL_TEXT_FRAME, 127, size)
+    return header + payload
+
+
+_FINAL_TEXT_FRAME = 0x81  # FIN bit, opcode 1 (text)
 
 
 def encode_text_delta(turn_id: str, content: str) -> str:

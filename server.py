@@ -5,15 +5,16 @@ Architecture (one process, one trio event loop)::
     ChatServer.serve            listeners, the connection registry, graceful shutdown
     └── _handle_stream          one per TCP connection: read the HTTP head (h11)
         ├── plain HTTP          /healthz, /metrics, /, else 404
-        └── WebSocket upgrade   handed to trio-websocket over a replaying stream
+        └── WebSocket upgrade   handed to trio-websocket over a ClientStream
             └── ChatConnection.run          one nursery per connection
                 ├── _receive_loop           parse frames, queue messages, stop, tools
-                ├── _send_loop              started on demand: the only writer; drains
-                │                           the bounded Outbox, then ends
+                ├── _send_loop              started on demand: drains the bounded
+                │                           Outbox (frames that must wait), then ends
                 ├── _heartbeat_loop         JSON ping + ping frame, drops silent peers,
                 │                           closes with 4001 when the token expires
                 └── _run_queued_turns       started on demand: the queued turns one at a
-                                            time, each in its own cancel scope
+                                            time, each in its own cancel scope; writes
+                                            text deltas itself while the client keeps up
 
 `stop` is `turn.scope.cancel()` (each queued turn owns its cancel scope): the
 upstream request lives inside that scope and is closed with it. Disconnect,
@@ -300,16 +301,28 @@ class RequestHead:
         return self.headers.get("upgrade", "").lower() == "websocket"
 
 
-class _ReplayStream(trio.abc.Stream):
-    """A stream that first returns bytes already read from `inner`, then reads on.
+class ClientStream(trio.abc.Stream):
+    """A client's TCP stream, under trio-websocket and under the hot path.
 
-    The HTTP head is read before we know whether the request is a WebSocket upgrade;
-    trio-websocket must see those bytes again to do the handshake itself.
+    Reading first returns the bytes already read: the HTTP head is read before we know
+    whether the request is a WebSocket upgrade, and trio-websocket must see it again.
+
+    Writing is built for a frame per text delta. `write_now` writes a whole frame
+    without waiting or yielding (the turn task calls it; no task switch per delta);
+    `send_all` (trio-websocket's writes: every other frame, pings, close) writes what
+    the kernel takes at once and waits only for the rest. Bytes are committed in
+    order: what the kernel has not taken yet (`_pending`) is always written before
+    anything else, and stays committed if its writer is cancelled, so a frame is never
+    cut by another. One task at a time waits to write; others queue behind it.
+    On TLS (no socket to write to directly) every write is the TLS stream's.
     """
 
     def __init__(self, inner: trio.abc.Stream, already_read: bytes) -> None:
         self._inner = inner
         self._replay = already_read
+        self._socket = inner.socket if isinstance(inner, trio.SocketStream) else None
+        self._pending = b""
+        self._flushed: trio.Event | None = None  # exists while a task waits to write
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._replay:
@@ -319,13 +332,76 @@ class _ReplayStream(trio.abc.Stream):
             return chunk
         return await self._inner.receive_some(max_bytes)
 
+    def write_now(self, data: bytes) -> bool:
+        """Write `data` without waiting if nothing is queued before it and the kernel
+        takes at least part of it. False: nothing was written, the caller queues it.
+        A tail the kernel did not take is committed (`has_pending`): call `flush`."""
+        if self._pending or self._flushed is not None or self._socket is None:
+            return False
+        fd = self._socket.fileno()
+        if fd < 0:
+            return False
+        try:
+            sent = os.write(fd, data)
+        except OSError:
+            return False  # full, or broken: the queued path waits, or reports it
+        self._pending = data[sent:]
+        return True
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
+        if self._socket is None:
+            await self._inner.send_all(data)
+            return
+        while self._flushed is not None:
+            await self._flushed.wait()
+        self._pending += data
+        self._write_some()
+        if self._pending:
+            await self._flush_pending()
+
+    async def flush(self) -> None:
+        """Wait until every committed byte is written."""
+        while self._flushed is not None:
+            await self._flushed.wait()
+        if self._pending:
+            await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        assert self._socket is not None
+        self._flushed = flushed = trio.Event()
+        try:
+            while self._pending:
+                await trio.lowlevel.wait_writable(self._socket)
+                self._write_some()
+        finally:
+            self._flushed = None
+            flushed.set()
+
+    def _write_some(self) -> None:
+        """Write what the kernel takes of `_pending` now. Raises ClosedResourceError
+        or BrokenResourceError, as trio's streams do."""
+        assert self._socket is not None
+        fd = self._socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the stream is closed")
+        try:
+            sent = os.write(fd, self._pending)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._pending = b""
+            raise trio.BrokenResourceError(f"the connection broke: {exc.strerror}") from exc
+        self._pending = self._pending[sent:]
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        self._pending = b""
         await self._inner.aclose()
 
 
@@ -530,6 +606,7 @@ class ChatConnection:
         self,
         server: ChatServer,
         ws: WebSocketConnection,
+        stream: ClientStream,
         *,
         session_id: str,
         user_id: str,
@@ -540,6 +617,7 @@ class ChatConnection:
         self.server = server
         self.config = server.config
         self.ws = ws
+        self._stream = stream
         self.session_id = session_id
         self.user_id = user_id
         self.token_expiry = token_expiry
@@ -606,7 +684,18 @@ class ChatConnection:
         self._start_sender()
 
     def send_delta(self, turn_id: str, text: str) -> None:
-        """Queue one text delta (see `send`)."""
+        """Send one text delta: written at once when nothing waits before it and the
+        client keeps up (the hot path: no task switch), else queued (see `send`)."""
+        if (
+            not self._sender_started  # then nothing waits in the outbox either
+            and self._close_error is None
+            and self.ws.closed is None  # no close frame sent: data may still follow
+            and self._stream.write_now(wire.encode_text_delta_frame(turn_id, text))
+        ):
+            self.server.metrics.deltas_sent.inc()
+            if self._stream.has_pending:
+                self._start_sender()  # it writes the tail the kernel did not take yet
+            return
         try:
             self._outbox.put_delta(turn_id, text)
         except wire.SlowConsumer as exc:
@@ -628,26 +717,31 @@ class ChatConnection:
     # ------------------------------------------------------------------ tasks
 
     async def _send_loop(self) -> None:
-        """The sender: writes queued frames until the outbox is empty, then ends (the
-        next frame starts it again). It is the only task that writes to the socket."""
+        """The sender: writes queued frames until the outbox is empty, and then what the
+        stream still holds, then ends (the next frame starts it again). While it runs,
+        text deltas queue behind it (`send_delta`), so frames keep their order."""
         try:
             while (item := self._outbox.take()) is not None and await self._send(item):
                 pass
+            if self._stream.has_pending:
+                await self._send(None)
         finally:
             self._sender_started = False
 
-    async def _send(self, item: wire.ServerFrame | PendingDeltas) -> bool:
-        """Send one frame; a client that does not take it within send_timeout_s is
-        dropped (1008). Returns False once the connection is done."""
-        if isinstance(item, PendingDeltas):
-            text = item.encode()
-            self.server.metrics.deltas_sent.inc()
-        else:
-            text = wire.encode(item)
+    async def _send(self, item: wire.ServerFrame | PendingDeltas | None) -> bool:
+        """Send one frame (None: only what the stream holds already); a client that does
+        not take it within send_timeout_s is dropped (1008). Returns False once the
+        connection is done."""
         with trio.move_on_after(self.config.send_timeout_s) as send_deadline:
             try:
-                await self.ws.send_message(text)
-            except ConnectionClosed:
+                if item is None:
+                    await self._stream.flush()
+                elif isinstance(item, PendingDeltas):
+                    await self.ws.send_message(item.encode())
+                    self.server.metrics.deltas_sent.inc()
+                else:
+                    await self.ws.send_message(wire.encode(item))
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
                 self.close(_PeerGone())
                 return False
         if send_deadline.cancelled_caught:
@@ -1352,14 +1446,14 @@ class ChatServer:
                 with trio.move_on_after(self.config.handshake_timeout_s):
                     request = await wrap_server_stream(
                         ws_tasks,
-                        _ReplayStream(stream, head.raw),
+                        client_stream := ClientStream(stream, head.raw),
                         message_queue_size=WS_MESSAGE_QUEUE_SIZE,
                         max_message_size=self.config.max_frame_bytes,
                     )
                     ws = await request.accept()
                     self.metrics.connections_opened.inc()
                 if ws is not None:
-                    await self._run_session(ws, head, session_id)
+                    await self._run_session(ws, client_stream, head, session_id)
                 ws_tasks.cancel_scope.cancel()
         except* WsprotoLocalProtocolError as errors:
             # trio-websocket issue #184: a peer's ping that arrives while we close makes
@@ -1368,10 +1462,10 @@ class ChatServer:
             log.info("websocket peer misbehaved while closing: %s", errors.exceptions[0])
 
     async def _run_session(
-        self, ws: WebSocketConnection, head: RequestHead, session_id: str
+        self, ws: WebSocketConnection, stream: ClientStream, head: RequestHead, session_id: str
     ) -> None:
         try:
-            connection = await self._admit(ws, head, session_id)
+            connection = await self._admit(ws, stream, head, session_id)
         except wire.StorageUnavailable:
             log.error("session %s: database unavailable, refusing the connection", session_id)
             self.metrics.connections_closed.labels("1011").inc()
@@ -1414,7 +1508,7 @@ class ChatServer:
             log.info("session %s: closed with %d", session_id, connection.close_code)
 
     async def _admit(
-        self, ws: WebSocketConnection, head: RequestHead, session_id: str
+        self, ws: WebSocketConnection, stream: ClientStream, head: RequestHead, session_id: str
     ) -> ChatConnection:
         """Check everything before any session data is read. Raises CloseError."""
         if self._shutting_down:
@@ -1443,6 +1537,7 @@ class ChatServer:
         return ChatConnection(
             self,
             ws,
+            stream,
             session_id=session_id,
             user_id=user_id,
             token_expiry=expiry,

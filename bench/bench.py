@@ -461,8 +461,10 @@ class Run:
         def sample_cpu() -> None:
             sleep_until(window[0])
             sampled["user0"], sampled["sys0"] = cpu_split_s(self.server_pid)
+            os.kill(self.server_pid, signal.SIGUSR2)  # BENCH_CPROFILE: profile the window
             sleep_until(window[1])
             sampled["user1"], sampled["sys1"] = cpu_split_s(self.server_pid)
+            os.kill(self.server_pid, signal.SIGUSR2)
             sampled["cpu0"] = sampled["user0"] + sampled["sys0"]
             sampled["cpu1"] = sampled["user1"] + sampled["sys1"]
 

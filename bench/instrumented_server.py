@@ -14,7 +14,9 @@ garbage-collector pause.
 On SIGUSR1 the largest pass since the last SIGUSR1 is appended to STALL_FILE as a
 JSON line and the maximum is reset; on exit a last line (``"final": true``) with
 the maximum over the whole run is written. With ``BENCH_CPROFILE=PATH`` in the
-environment the whole run is profiled with cProfile and the stats dumped to PATH.
+environment, cProfile runs between pairs of SIGUSR2 (the bench sends them at the
+start and end of each CPU window) and the stats are dumped to PATH on exit:
+deterministic call counts for exactly the work that the CPU figures bill.
 """
 
 from __future__ import annotations
@@ -116,6 +118,19 @@ def main() -> int:
     def on_usr1(signum: int, frame: FrameType | None) -> None:
         write(meter.report())
 
+    profile_path = os.environ.get("BENCH_CPROFILE")
+    profiler = cProfile.Profile() if profile_path else None
+    profiling = False
+
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        nonlocal profiling
+        if profiler is not None:
+            profiling = not profiling
+            if profiling:
+                profiler.enable()
+            else:
+                profiler.disable()
+
     real_run = trio.run
 
     def instrumented_run(*args: Any, **kwargs: Any) -> Any:
@@ -123,12 +138,9 @@ def main() -> int:
         return real_run(*args, **kwargs)
 
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr2)
     trio.run = instrumented_run  # server.main() calls trio.run exactly once
-    profile_path = os.environ.get("BENCH_CPROFILE")
-    profiler = cProfile.Profile() if profile_path else None
     try:
-        if profiler is not None:
-            profiler.enable()
         return server.main(argv)
     finally:
         if profiler is not None and profile_path:

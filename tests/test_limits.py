@@ -17,6 +17,7 @@ import sqlite3
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -297,6 +298,85 @@ async def test_client_that_stops_reading_is_closed_1008_with_bounded_memory_and_
         ("user", None),
         ("assistant", "interrupted"),
     ]
+
+
+def _take_text_frames(buffer: bytearray) -> list[bytes]:
+    """Remove the complete server frames at the start of `buffer`; their payloads.
+    Each must be a whole, final, unmasked text frame (RFC 6455 §5.2)."""
+    payloads = []
+    while len(buffer) >= 2:
+        assert buffer[0] == 0x81 and buffer[1] < 0x80, f"not a final text frame: {buffer[:2]!r}"
+        size, start = buffer[1], 2
+        if size == 126:
+            size, start = int.from_bytes(buffer[2:4], "big"), 4
+        elif size == 127:
+            size, start = int.from_bytes(buffer[2:10], "big"), 10
+        if len(buffer) < start + size:
+            break
+        payloads.append(bytes(buffer[start : start + size]))
+        del buffer[: start + size]
+    return payloads
+
+
+class _NumberedAnswerReply(_LongAnswerReply):
+    """`count` distinct deltas (`numbered_delta(n)`), as fast as the server takes them."""
+
+    async def play(self, out: _Exchange) -> None:
+        await out.start(200, {"content-type": "text/event-stream"})
+        created = {"type": "response.created", "response": {"id": "resp_numbered"}}
+        await out.send(encode_sse(created))
+        for number in range(self.count):
+            delta = {
+                "type": "response.output_text.delta",
+                "item_id": "m",
+                "delta": numbered_delta(number),
+            }
+            await out.send(encode_sse(delta))
+        completed = {"type": "response.completed", "response": {"id": "resp_numbered"}}
+        await out.send(encode_sse(completed))
+        await out.end()
+
+
+def numbered_delta(number: int) -> str:
+    return f"<{number:05d}>" + "é" * 40 + " "
+
+
+async def test_client_that_lags_gets_every_character_in_order(
+    server: ChatServer, fake: FakeUpstream
+) -> None:
+    # The client reads nothing until the upstream has sent the whole answer: deltas
+    # are first written whole, then the kernel takes frames in part, then they wait
+    # in the outbox and merge. Every frame must still be whole and every character
+    # in its place.
+    assert server.port is not None
+    count = 4000
+    fake.enqueue(_NumberedAnswerReply("", count))  # type: ignore[arg-type]
+    lagging = await _handshake_small_window(server.port, "lagging", "lagging-user")
+    with trio.fail_after(CLIENT_WAIT_S):
+        while await lagging.receive_some(1) != b"}":  # the rest of the `connected` frame
+            pass
+    await lagging.send_all(_masked_text_frame(json.dumps({"type": "message", "content": "go"})))
+    with trio.fail_after(CLIENT_WAIT_S):
+        await fake.wait_for_request(1)
+        await fake.requests[0].done.wait()
+
+    frames: list[dict[str, Any]] = []
+    received = bytearray()
+    with trio.fail_after(CLIENT_WAIT_S):
+        while not any(frame["type"] == "response_end" for frame in frames):
+            data = await lagging.receive_some(65536)
+            assert data, "the server closed the connection"
+            received += data
+            frames += [json.loads(payload) for payload in _take_text_frames(received)]
+    await lagging.aclose()
+
+    expected = "".join(numbered_delta(n) for n in range(count))
+    deltas = [f for f in frames if f["type"] == "text_delta"]
+    assert "".join(f["content"] for f in deltas) == expected
+    end = next(frame for frame in frames if frame["type"] == "response_end")
+    assert end["full_content"] == expected
+    assert end["status"] == "completed"
+    assert len(deltas) < count, "the client lagged, so some deltas should have merged"
 
 
 async def test_turns_leave_no_cyclic_garbage(server: ChatServer, fake: FakeUpstream) -> None:
