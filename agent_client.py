@@ -45,16 +45,19 @@ import codecs
 import email.utils
 import json
 import logging
+import os
 import random
 import re
 import secrets
+import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import httpcore
 import httpx
 import httpx_sse
 import trio
@@ -309,11 +312,16 @@ class _GuardedSSEBody:
     """
 
     def __init__(
-        self, headers: httpx.Headers, chunks: AsyncIterator[bytes], guard: _EventSizeGuard
+        self,
+        headers: httpx.Headers,
+        chunks: AsyncIterator[bytes],
+        guard: _EventSizeGuard,
+        silence: _SilenceTimer,
     ) -> None:
         self.headers = headers
         self._chunks = chunks
         self._guard = guard
+        self._silence = silence
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._ended = False
 
@@ -331,11 +339,140 @@ class _GuardedSSEBody:
                 self._ended = True
                 text = self._decoder.decode(b"", final=True)
             else:
+                self._silence.heard()
                 self._guard.feed(chunk)
                 text = self._decoder.decode(chunk)
             if text:
                 return text
         raise StopAsyncIteration
+
+
+# httpcore's socket option shape (it does not export the alias).
+SocketOption = (
+    tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+)
+
+
+class _SilenceTimer:
+    """Pushes a response's silence deadline (`AgentClient._silence_scope`) forward."""
+
+    def __init__(self, scope: trio.CancelScope, limit_s: float) -> None:
+        self._scope = scope
+        self._limit_s = limit_s
+
+    def heard(self) -> None:
+        self._scope.deadline = trio.current_time() + self._limit_s
+
+
+class _LeanReadTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport, over connections that read cheaply (`_LeanReadStream`).
+
+    httpx builds its httpcore pool itself and takes no network backend; the pool is
+    rebuilt here with the same settings and ours. Construction fails loudly if httpx
+    ever stops keeping its pool where this expects it.
+    """
+
+    def __init__(self, *, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
+            raise RuntimeError("this httpx keeps its connection pool elsewhere")
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_LeanReadBackend(),
+        )
+
+
+class _LeanReadBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's trio backend, whose plain TCP connections read through `_LeanReadStream`."""
+
+    def __init__(self) -> None:
+        self._trio = httpcore.TrioBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._trio.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _LeanReadStream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._trio.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._trio.sleep(seconds)
+
+
+class _LeanReadStream(httpcore.AsyncNetworkStream):
+    """An httpcore connection whose untimed reads on plain TCP skip httpcore's and
+    trio's layers: they are a read per SSE event, and those layers (a cancel scope,
+    three exception-mapping context managers, a recv tried before every wait) cost
+    more than the event. When the last read drained the socket, it waits for
+    readability first instead of trying a recv that would fail. Timed reads, TLS
+    connections and everything else are httpcore's own."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        plain = inner.get_extra_info("ssl_object") is None
+        self._socket: trio.socket.SocketType | None = (
+            inner.get_extra_info("socket") if plain else None
+        )
+        self._drained = True
+
+    async def read(
+        self,
+        max_bytes: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> bytes:
+        if self._socket is None or timeout is not None:
+            return await self._inner.read(max_bytes, timeout)
+        try:
+            if self._drained:
+                await trio.lowlevel.wait_readable(self._socket)
+            else:
+                await trio.lowlevel.checkpoint()  # every read is a schedule point
+            while True:
+                try:
+                    data = os.read(self._socket.fileno(), max_bytes)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._socket)
+        except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+        self._drained = len(data) < max_bytes
+        return data
+
+    async def write(
+        self,
+        buffer: bytes,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> httpcore.AsyncNetworkStream:
+        return _LeanReadStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -416,23 +553,28 @@ class AgentClient:
         self._max_attempts = max_attempts
         self._backoff_base_s = backoff_base_s
         self._retry_after_cap_s = retry_after_cap_s
+        self._idle_timeout_s = idle_timeout_s
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        # Every live turn holds a connection for its whole stream, so the pool must
+        # not cap concurrency; idle ones are kept for TLS reuse.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._http = httpx.AsyncClient(
             transport=transport,
+            # A mount, not `transport=`: httpx then still honours proxy variables
+            # (HTTPS_PROXY...), whose more specific mounts win over this one.
+            mounts=None if transport else {"all://": _LeanReadTransport(limits=limits)},
             headers=headers,
-            # The read timeout is httpx's per-read limit: exactly "no bytes for
-            # idle_timeout_s", both before the headers and between SSE chunks.
+            # No read timeout: httpx would time-box every read of the body, a cancel
+            # scope per SSE event. Silence is bounded per response (`_silence_scope`).
             timeout=httpx.Timeout(
                 connect=connect_timeout_s,
-                read=idle_timeout_s,
+                read=None,
                 write=connect_timeout_s,
                 pool=connect_timeout_s,
             ),
-            # Every live turn holds a connection for its whole stream, so the pool
-            # must not cap concurrency; idle ones are kept for TLS reuse.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            limits=limits,
         )
 
     async def aclose(self) -> None:
@@ -462,30 +604,46 @@ class AgentClient:
         """
         payload = self._payload(request)
         for attempt in range(1, self._max_attempts + 1):
-            try:
-                response, events, opening = await self._open(payload)
-            except _Retryable as retryable:
-                if attempt == self._max_attempts:
-                    raise retryable.failure from retryable.__cause__
-                await self._wait_before_retry(attempt, retryable.failure, retryable.retry_after_s)
-                continue
-            try:
-                async with aclosing(events):
-                    yield _Resumed(opening, events)
-            finally:
-                # httpcore shields this close from cancellation, so a cancelled turn
-                # still drops the upstream connection here, not at garbage collection.
-                await _close_response(response)
-            return
+            silence = self._silence_scope()
+            with silence:
+                try:
+                    response, events, opening = await self._open(payload, silence)
+                except _Retryable as retryable:
+                    if attempt == self._max_attempts:
+                        raise retryable.failure from retryable.__cause__
+                    retry = retryable
+                else:
+                    try:
+                        async with aclosing(events):
+                            yield _Resumed(opening, events)
+                    finally:
+                        # httpcore shields this close from cancellation, so a cancelled
+                        # turn still drops the upstream connection here, not at garbage
+                        # collection.
+                        await _close_response(response)
+                    if not silence.cancelled_caught:
+                        return
+            if silence.cancelled_caught:
+                raise UpstreamTimeout(
+                    f"upstream sent nothing for {self._idle_timeout_s:g} s"
+                )
+            await self._wait_before_retry(attempt, retry.failure, retry.retry_after_s)
+
+    def _silence_scope(self) -> trio.CancelScope:
+        """The scope one upstream response lives in: it is cancelled once the upstream
+        sends no bytes for idle_timeout_s (before the headers, or between chunks).
+        Every chunk pushes its deadline (`_GuardedSSEBody`): one scope per response
+        instead of one per read."""
+        return trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s)
 
     async def _open(
-        self, payload: dict[str, Any]
+        self, payload: dict[str, Any], silence: trio.CancelScope
     ) -> tuple[httpx.Response, AsyncGenerator[AgentEvent, None], list[AgentEvent]]:
         """Send the request and read its opening events (up to and including the first
         text, tool call or terminal event). Raises _Retryable for what may be tried
         again, the public errors for the rest."""
         response = await self._send(payload)
-        events = self._events(response)
+        events = self._events(response, silence)
         opening: list[AgentEvent] = []
         try:
             async for event in events:
@@ -618,11 +776,18 @@ class AgentClient:
     def _describe(self, exc: Exception) -> str:
         return _redact(f"{type(exc).__name__}: {exc}", self._api_key)
 
-    async def _events(self, response: httpx.Response) -> AsyncGenerator[AgentEvent, None]:
+    async def _events(
+        self, response: httpx.Response, silence: trio.CancelScope
+    ) -> AsyncGenerator[AgentEvent, None]:
         # aiter_bytes() is an async generator (typed as a plain iterator); we close it
         # ourselves so nothing is left for the garbage collector.
         chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
-        body = _GuardedSSEBody(response.headers, chunks, _EventSizeGuard(MAX_SSE_EVENT_BYTES))
+        body = _GuardedSSEBody(
+            response.headers,
+            chunks,
+            _EventSizeGuard(MAX_SSE_EVENT_BYTES),
+            _SilenceTimer(silence, self._idle_timeout_s),
+        )
         # EventSource reads only .headers and .aiter_text() from its "response".
         source = httpx_sse.EventSource(cast(httpx.Response, body))
         response_id: str | None = None
@@ -643,8 +808,6 @@ class AgentClient:
                         return
                     if event is not None:
                         yield event
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("upstream went silent mid-stream") from exc
         except httpx.TransportError as exc:
             raise UpstreamDisconnected(
                 f"upstream connection broke mid-stream: {self._describe(exc)}"

@@ -18,10 +18,10 @@ one meaning. Bodies are chunked, each SSE event sent as soon as it is produced.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -65,7 +65,7 @@ class _Exchange:
     def __init__(
         self,
         conn: h11.Connection,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         rec: RecordedRequest,
         *,
         keep_alive: bool = False,
@@ -366,10 +366,14 @@ class FakeUpstream:
     connection is handled in its own task and closed when its exchange ends.
     """
 
-    def __init__(self, *, keep_alive: bool = False) -> None:
+    def __init__(
+        self, *, keep_alive: bool = False, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         # keep_alive: answer without `Connection: close` and serve the next request on
         # the same connection when a reply ended normally (what real upstreams do).
+        # ssl_context: serve HTTPS, as the real API does.
         self.keep_alive = keep_alive
+        self._ssl_context = ssl_context
         self.connections_accepted = 0
         self.requests: list[RecordedRequest] = []
         self.base_url = ""
@@ -390,12 +394,17 @@ class FakeUpstream:
         self, *, task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen on 127.0.0.1:0; ``task_status.started(self)`` once ``base_url`` is set."""
+        listeners: list[trio.abc.Listener[Any]] = list(
+            await trio.open_tcp_listeners(0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]  # type: ignore[attr-defined]
+        scheme = "http"
+        if self._ssl_context is not None:
+            listeners = [trio.SSLListener(lst, self._ssl_context) for lst in listeners]
+            scheme = "https"
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
-            )
-            port = listeners[0].socket.getsockname()[1]
-            self.base_url = f"http://127.0.0.1:{port}/v1"
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            self.base_url = f"{scheme}://127.0.0.1:{port}/v1"
             task_status.started(self)
 
     def _record(self, rec: RecordedRequest) -> None:
@@ -403,14 +412,14 @@ class FakeUpstream:
         arrived, self._request_arrived = self._request_arrived, trio.Event()
         arrived.set()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         self.connections_accepted += 1
         async with stream:
             conn = h11.Connection(h11.SERVER)
             while await self._exchange(conn, stream) and self.keep_alive:
                 conn.start_next_cycle()
 
-    async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
+    async def _exchange(self, conn: h11.Connection, stream: trio.abc.Stream) -> bool:
         """Serve one request; True if the connection can serve another."""
         request = None
         with trio.move_on_after(REQUEST_READ_TIMEOUT_S):
@@ -441,7 +450,7 @@ class FakeUpstream:
         return rec.completed_normally and conn.our_state is h11.DONE
 
     async def _read_request(
-        self, conn: h11.Connection, stream: trio.SocketStream
+        self, conn: h11.Connection, stream: trio.abc.Stream
     ) -> tuple[h11.Request, bytes] | None:
         head: h11.Request | None = None
         body = bytearray()
@@ -471,7 +480,7 @@ class FakeUpstream:
 
 
 async def _until_client_closes(
-    stream: trio.SocketStream, out: _Exchange, play: Callable[[_Exchange], Awaitable[None]]
+    stream: trio.abc.Stream, out: _Exchange, play: Callable[[_Exchange], Awaitable[None]]
 ) -> None:
     """Run ``play`` while watching the socket; a client EOF/reset stops it at once."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from agent_client import (
     encode_sse,
     text_response_events,
 )
+from conftest import self_signed_cert
 from fake_upstream import (
     RECORDINGS_DIR,
     DropReply,
@@ -705,3 +707,48 @@ async def test_a_completed_stream_returns_its_connection_to_the_pool(
         await client.aclose()
     assert len(upstream.requests) == 2
     assert upstream.connections_accepted == 1
+
+
+async def test_https_upstream_streams_and_reuses_its_tls_connection(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real API is HTTPS: the TLS connection reads through httpcore's own path.
+    cert, key = self_signed_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    upstream = await nursery.start(FakeUpstream(keep_alive=True, ssl_context=context).serve)
+    assert upstream.base_url.startswith("https://")
+    upstream.enqueue(TextReply(["secure ", "one"]), TextReply(["secure ", "two"]))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts it, as in production
+    client = AgentClient(base_url=upstream.base_url, api_key="k", model="m")
+    try:
+        assert text_of(await collect(client)) == "secure one"
+        assert text_of(await collect(client)) == "secure two"
+    finally:
+        await client.aclose()
+    assert upstream.connections_accepted == 1
+
+
+async def test_silence_limit_is_per_gap_not_per_answer(fake: FakeUpstream) -> None:
+    # Eight gaps of 0.15 s: the answer takes longer than the limit, no gap does.
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.6)
+    fake.enqueue(TextReply([f"{n} " for n in range(9)], delay_s=0.15))
+    try:
+        started = trio.current_time()
+        assert text_of(await collect(agent)) == "".join(f"{n} " for n in range(9))
+        assert trio.current_time() - started > 0.6
+    finally:
+        await agent.aclose()
+
+
+async def test_silence_before_the_headers_is_timeout(fake: FakeUpstream) -> None:
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.3)
+    fake.enqueue(TextReply(["late"], start_delay_s=5))
+    try:
+        started = trio.current_time()
+        with pytest.raises(UpstreamTimeout), trio.fail_after(IO_LIMIT_S):
+            await collect(agent)
+        assert trio.current_time() - started < 2
+    finally:
+        await agent.aclose()
+    assert len(fake.requests) == 1  # the request may be running upstream: not repeated

@@ -9,7 +9,6 @@ runs as `python server.py ...` children. Loopback only, every wait bounded.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,19 @@ import httpx
 import jwt
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import PROJECT_DIR, SERVER_PY, base_env, server_process
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from conftest import API_KEY, CLIENT_WAIT_S, JWT_SECRET, ChatClient, open_chat, token_for
+from conftest import (
+    API_KEY,
+    CLIENT_WAIT_S,
+    JWT_SECRET,
+    ChatClient,
+    open_chat,
+    self_signed_cert,
+    token_for,
+)
 from fake_upstream import FakeUpstream, StatusReply, TextReply
 from server import (
     ChatServer,
@@ -431,42 +434,6 @@ async def test_no_watchdog_pings_when_watchdog_pid_is_another_process(
 # =========================================================================== TLS
 
 
-def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    """A certificate for IP 127.0.0.1 (in its SAN), valid for a day, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat test")])
-    now = datetime.now(UTC)
-    public = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 async def test_tls_serves_https_and_a_whole_turn_over_wss_and_refuses_plain_ws(
@@ -476,7 +443,7 @@ async def test_tls_serves_https_and_a_whole_turn_over_wss_and_refuses_plain_ws(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="chat")
-    cert, key = _self_signed_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     server = await start_server(tls_cert=str(cert), tls_key=str(key))
     assert f"listening on https://127.0.0.1:{server.port}" in caplog.text
     context = ssl.create_default_context(cafile=str(cert))
