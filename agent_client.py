@@ -289,6 +289,10 @@ class _EventSizeGuard:
 
     def feed(self, chunk: bytes) -> None:
         """Account for ``chunk``. Raises UpstreamProtocolError past the limit."""
+        if chunk.endswith(b"\n\n"):  # the usual chunk: whole events, nothing pending
+            self._pending_bytes = 0
+            self._carry = b"\n"
+            return
         window = self._carry + chunk
         end = max(window.rfind(boundary) for boundary in self._BOUNDARIES)
         if end >= 0:

@@ -34,6 +34,7 @@ maps exceptions to frames or close codes in one place (`ChatError.to_frame` and
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -407,7 +408,14 @@ _FINAL_TEXT_FRAME = 0x81  # FIN bit, opcode 1 (text)
 def encode_text_delta(turn_id: str, content: str) -> str:
     """A `text_delta` frame as JSON text, without building a model: the same JSON as
     `encode(TextDeltaFrame(...))`, on the path every token of every answer takes."""
-    return (
-        f'{{"type":"text_delta","turn_id":{json.dumps(turn_id, ensure_ascii=False)},'
-        f'"content":{json.dumps(content, ensure_ascii=False)}}}'
-    )
+    return _text_delta_prefix(turn_id) + _json_string(content) + "}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_delta_prefix(turn_id: str) -> str:
+    return f'{{"type":"text_delta","turn_id":{_json_string(turn_id)},"content":'
+
+
+# json.dumps with options builds an encoder per call; this one is built once and
+# takes its C fast path for strings.
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
