@@ -90,6 +90,7 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
     ("idle_kb_per_conn_2", "idle RSS per connection, step 2", "KB", 30.0),
     ("relay_cpu_s_per_1000_deltas", "server CPU per 1,000 deltas (paced)", "s", 0.15),
     ("relay_deltas_per_s", "deltas relayed per second (paced)", "/s", None),
+    ("fake_cpu_s_per_1000_deltas", "fake upstream CPU per 1,000 deltas (reference)", "s", None),
     ("latency_p50_ms", "added latency p50 (paced load)", "ms", None),
     ("latency_p99_ms", "added latency p99 (paced load)", "ms", 10.0),
     ("unpaced_deltas_per_s", "max deltas relayed per second (unpaced)", "/s", None),
@@ -219,6 +220,7 @@ class Run:
     figures: dict[str, float]
     notes: list[str]
     server: Child | None = None
+    fake: Child | None = None
     fake_port: int = 0
     port: int = 0
     stall_lines: int = 0
@@ -232,7 +234,7 @@ class Run:
         return child
 
     def start_fake(self) -> None:
-        fake = self.spawn("fake", [sys.executable, str(BENCH_DIR / "fake_upstream.py")])
+        fake = self.fake = self.spawn("fake", [sys.executable, str(BENCH_DIR / "fake_upstream.py")])
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             left = deadline - time.monotonic()
@@ -276,6 +278,11 @@ class Run:
     def server_pid(self) -> int:
         assert self.server is not None
         return self.server.proc.pid
+
+    @property
+    def fake_pid(self) -> int:
+        assert self.fake is not None
+        return self.fake.proc.pid
 
     def stall_mark(self, phase: str | None = None) -> float:
         """Max loop stall (ms) since the previous mark, from the instrumented server;
@@ -438,6 +445,11 @@ class Run:
             (sampled["cpu1"] - sampled["cpu0"]) / relayed * 1000 if relayed else math.nan
         )
         self.figures["relay_deltas_per_s"] = relayed / (window[1] - window[0])
+        # The machine's price of a trio wake-up plus a socket write: the fake does only
+        # that per delta (a timer, one send), so the server cannot cost much less.
+        self.figures["fake_cpu_s_per_1000_deltas"] = (
+            (sampled["fake1"] - sampled["fake0"]) / relayed * 1000 if relayed else math.nan
+        )
         spent = sampled["cpu1"] - sampled["cpu0"]
         self.figures["relay_cpu_system_share"] = (
             (sampled["sys1"] - sampled["sys0"]) / spent if spent else 0.0
@@ -461,9 +473,11 @@ class Run:
         def sample_cpu() -> None:
             sleep_until(window[0])
             sampled["user0"], sampled["sys0"] = cpu_split_s(self.server_pid)
+            sampled["fake0"] = cpu_s(self.fake_pid)
             os.kill(self.server_pid, signal.SIGUSR2)  # BENCH_CPROFILE: profile the window
             sleep_until(window[1])
             sampled["user1"], sampled["sys1"] = cpu_split_s(self.server_pid)
+            sampled["fake1"] = cpu_s(self.fake_pid)
             os.kill(self.server_pid, signal.SIGUSR2)
             sampled["cpu0"] = sampled["user0"] + sampled["sys0"]
             sampled["cpu1"] = sampled["user1"] + sampled["sys1"]
