@@ -2,7 +2,7 @@
 
 This module owns everything between "the server wants a model answer" and
 "here are our own events": building the ``POST {base_url}/responses`` request,
-retrying what is safe to retry, reading the SSE stream through httpx-sse,
+retrying what is safe to retry, reading the SSE stream (``SSEParser``),
 mapping upstream events to the small event set below, and closing the upstream
 connection the moment the caller leaves the stream's context. It also owns the
 offline demo model (``DemoModelTransport``) and the pure helpers that
@@ -19,6 +19,8 @@ Our events (frozen dataclasses)::
     Failed           error (nested or flat shape), response.failed (terminal)
 
 A stream yields exactly one terminal event, last; events after it are not read.
+Consecutive text deltas that arrive in one network read are yielded as one
+``TextDelta`` with their text joined: the same text, one frame per read in a burst.
 
 Exception tree (``kind`` is a short machine-readable cause)::
 
@@ -41,7 +43,6 @@ passed through ``_redact`` before it lands in an exception.
 
 from __future__ import annotations
 
-import codecs
 import email.utils
 import json
 import logging
@@ -59,7 +60,6 @@ from typing import Any, cast
 
 import httpcore
 import httpx
-import httpx_sse
 import trio
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ logger = logging.getLogger(__name__)
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 # Error bodies are short JSON; we only need error.code and error.message from them.
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# A burst (the upstream far ahead of us) is read 16 KB at a time, each read its own
+# schedule point: one connection's step stays short while others wait (bench/README.md).
+LEAN_READ_BYTES = 16 * 1024
 # After the terminal event, the rest of the body is read for this long at most.
 BODY_DRAIN_TIMEOUT_S = 0.05
 # Pace of the offline demo model: fast enough to be pleasant, slow enough to see
@@ -270,102 +273,70 @@ def _excerpt(text: str, limit: int = 200) -> str:
     return repr(text[:limit] + ("…" if len(text) > limit else ""))
 
 
-class _EventSizeGuard:
-    """Bounds the bytes buffered for one SSE event (all its lines).
+class SSEParser:
+    """Server-sent events (the WHATWG ``text/event-stream`` format) from raw bytes.
 
-    httpx-sse's line and event decoders buffer without limit, so the bytes go
-    through this guard before they reach them: at most MAX_SSE_EVENT_BYTES plus
-    one network chunk are ever buffered. A blank line (event boundary) is any
-    line terminator followed by another; the patterns below find every such
-    place, occasionally one that is not (which only makes the bound looser).
+    Pure, no I/O: ``feed`` takes each network chunk and returns the data of every
+    event the chunk completes, so the caller sees which events arrived together.
+    Lines may end in LF, CRLF or CR; ``data`` lines are joined with LF, other
+    fields and comments (keep-alives) are skipped, and an unfinished event at the
+    end of the stream is dropped, as the standard says. Events with no data carry
+    nothing for us and are not returned.
+    Bounded: an event that grows past ``max_event_bytes`` without ending raises
+    UpstreamProtocolError (at most that plus one chunk is ever buffered).
     """
 
-    _BOUNDARIES = (b"\n\n", b"\r\r", b"\n\r")
+    def __init__(self, max_event_bytes: int) -> None:
+        self._max_event_bytes = max_event_bytes
+        self._pending = b""  # the unfinished event, line ends already LF
+        self._cr_held = False  # the last chunk ended in CR: the next may start with its LF
+        self._at_start = True
 
-    def __init__(self, limit_bytes: int) -> None:
-        self._limit_bytes = limit_bytes
-        self._pending_bytes = 0
-        self._carry = b""
-
-    def feed(self, chunk: bytes) -> None:
-        """Account for ``chunk``. Raises UpstreamProtocolError past the limit."""
-        if chunk.endswith(b"\n\n"):  # the usual chunk: whole events, nothing pending
-            self._pending_bytes = 0
-            self._carry = b"\n"
-            return
-        window = self._carry + chunk
-        end = max(window.rfind(boundary) for boundary in self._BOUNDARIES)
-        if end >= 0:
-            self._pending_bytes = len(window) - (end + 2)
-        else:
-            self._pending_bytes += len(chunk)
-        self._carry = window[-1:]
-        if self._pending_bytes > self._limit_bytes:
+    def feed(self, chunk: bytes) -> list[str]:
+        if self._at_start and chunk:
+            self._at_start = False
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+        if self._cr_held:
+            chunk, self._cr_held = b"\r" + chunk, False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, self._cr_held = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._pending + chunk
+        events: list[str] = []
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            data = _event_data(buffer[start:end])
+            if data:
+                events.append(data)
+            start = end + 2
+        self._pending = buffer[start:]
+        if len(self._pending) > self._max_event_bytes:
             raise UpstreamProtocolError(
-                f"upstream SSE event exceeds {self._limit_bytes} bytes without ending"
+                f"upstream SSE event exceeds {self._max_event_bytes} bytes without ending"
             )
+        return events
 
 
-class _GuardedSSEBody:
-    """The part of an httpx.Response that httpx_sse.EventSource reads, size-guarded.
-
-    ``aiter_text()`` decodes UTF-8 (the only SSE encoding) after every chunk has
-    passed the guard. It is a class, not an async generator, because httpx-sse
-    never closes the text iterator it is given and trio warns about every async
-    generator left to the garbage collector.
-    """
-
-    def __init__(
-        self,
-        headers: httpx.Headers,
-        chunks: AsyncIterator[bytes],
-        guard: _EventSizeGuard,
-        silence: _SilenceTimer,
-    ) -> None:
-        self.headers = headers
-        self._chunks = chunks
-        self._guard = guard
-        self._silence = silence
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._ended = False
-
-    def aiter_text(self) -> AsyncIterator[str]:
-        return self
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        while not self._ended:
-            try:
-                chunk = await anext(self._chunks)
-            except StopAsyncIteration:
-                self._ended = True
-                text = self._decoder.decode(b"", final=True)
-            else:
-                self._silence.heard()
-                self._guard.feed(chunk)
-                text = self._decoder.decode(chunk)
-            if text:
-                return text
-        raise StopAsyncIteration
+def _event_data(block: bytes) -> str | None:
+    """The data of one event's lines (LF-separated, no blank line among them but
+    perhaps leading ones), or None if it has no data field."""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data"):
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                data.append(value[1:] if value.startswith(b" ") else value)
+    if not data:
+        return None
+    # Event boundaries are ASCII, so no UTF-8 sequence is ever cut between events.
+    return b"\n".join(data).decode("utf-8", errors="replace")
 
 
 # httpcore's socket option shape (it does not export the alias).
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 )
-
-
-class _SilenceTimer:
-    """Pushes a response's silence deadline (`AgentClient._silence_scope`) forward."""
-
-    def __init__(self, scope: trio.CancelScope, limit_s: float) -> None:
-        self._scope = scope
-        self._limit_s = limit_s
-
-    def heard(self) -> None:
-        self._scope.deadline = trio.current_time() + self._limit_s
 
 
 class _LeanReadTransport(httpx.AsyncHTTPTransport):
@@ -376,12 +347,12 @@ class _LeanReadTransport(httpx.AsyncHTTPTransport):
     ever stops keeping its pool where this expects it.
     """
 
-    def __init__(self, *, limits: httpx.Limits) -> None:
-        super().__init__(limits=limits)
+    def __init__(self, tls: ssl.SSLContext, limits: httpx.Limits) -> None:
+        super().__init__(verify=tls, limits=limits)
         if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
             raise RuntimeError("this httpx keeps its connection pool elsewhere")
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=tls,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -448,13 +419,13 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
                 await trio.lowlevel.checkpoint()  # every read is a schedule point
             while True:
                 try:
-                    data = os.read(self._socket.fileno(), max_bytes)
+                    data = os.read(self._socket.fileno(), min(max_bytes, LEAN_READ_BYTES))
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self._socket)
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
-        self._drained = len(data) < max_bytes
+        self._drained = len(data) < min(max_bytes, LEAN_READ_BYTES)
         return data
 
     async def write(
@@ -564,11 +535,14 @@ class AgentClient:
         # Every live turn holds a connection for its whole stream, so the pool must
         # not cap concurrency; idle ones are kept for TLS reuse.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # One TLS context for every transport: loading the CA bundle takes ~25 ms.
+        tls = httpx.create_ssl_context()
         self._http = httpx.AsyncClient(
             transport=transport,
             # A mount, not `transport=`: httpx then still honours proxy variables
             # (HTTPS_PROXY...), whose more specific mounts win over this one.
-            mounts=None if transport else {"all://": _LeanReadTransport(limits=limits)},
+            mounts=None if transport else {"all://": _LeanReadTransport(tls, limits)},
+            verify=tls,
             headers=headers,
             # No read timeout: httpx would time-box every read of the body, a cancel
             # scope per SSE event. Silence is bounded per response (`_silence_scope`).
@@ -636,8 +610,8 @@ class AgentClient:
     def _silence_scope(self) -> trio.CancelScope:
         """The scope one upstream response lives in: it is cancelled once the upstream
         sends no bytes for idle_timeout_s (before the headers, or between chunks).
-        Every chunk pushes its deadline (`_GuardedSSEBody`): one scope per response
-        instead of one per read."""
+        Every chunk pushes its deadline (`_events`): one scope per response instead
+        of one per read."""
         return trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s)
 
     async def _open(
@@ -786,32 +760,36 @@ class AgentClient:
         # aiter_bytes() is an async generator (typed as a plain iterator); we close it
         # ourselves so nothing is left for the garbage collector.
         chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
-        body = _GuardedSSEBody(
-            response.headers,
-            chunks,
-            _EventSizeGuard(MAX_SSE_EVENT_BYTES),
-            _SilenceTimer(silence, self._idle_timeout_s),
-        )
-        # EventSource reads only .headers and .aiter_text() from its "response".
-        source = httpx_sse.EventSource(cast(httpx.Response, body))
+        parser = SSEParser(MAX_SSE_EVENT_BYTES)
         response_id: str | None = None
         try:
-            async with aclosing(chunks), aclosing(source.aiter_sse()) as sse_events:
-                async for sse in sse_events:
-                    if not sse.data:
-                        continue  # keep-alive comments and empty events carry nothing
-                    event = decode_event(sse.data)
-                    if isinstance(event, ResponseStarted):
-                        response_id = event.response_id
-                    elif isinstance(event, _TERMINAL):
-                        # The error event carries no response id; we know it by now.
-                        if event.response_id is None:
-                            event = replace(event, response_id=response_id)
-                        yield event
-                        await _finish_body(chunks)
-                        return
-                    if event is not None:
-                        yield event
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    silence.deadline = trio.current_time() + self._idle_timeout_s
+                    # Text deltas that arrived together go on as one (the same text):
+                    # under a burst, one frame and one write per network read.
+                    texts: list[str] = []
+                    for data in parser.feed(chunk):
+                        event = decode_event(data)
+                        if isinstance(event, TextDelta):
+                            texts.append(event.text)
+                            continue
+                        if texts:
+                            yield TextDelta("".join(texts))
+                            texts.clear()
+                        if isinstance(event, ResponseStarted):
+                            response_id = event.response_id
+                        elif isinstance(event, _TERMINAL):
+                            # The error event carries no response id; we know it by now.
+                            if event.response_id is None:
+                                event = replace(event, response_id=response_id)
+                            yield event
+                            await _finish_body(chunks)
+                            return
+                        if event is not None:
+                            yield event
+                    if texts:
+                        yield TextDelta("".join(texts))
         except httpx.TransportError as exc:
             raise UpstreamDisconnected(
                 f"upstream connection broke mid-stream: {self._describe(exc)}"

@@ -2022,6 +2022,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(resolved["log-level"].value, resolved["log-format"].value)
     if config.uses_demo_model:
         log.warning("no OPENAI_API_KEY and no --upstream-url: serving the OFFLINE DEMO MODEL")
+    _tune_garbage_collector()  # before the loop runs: its one full collection stalls no one
     trio.run(partial(_serve_from_command_line, config))
     log.info("stopped")
     return 0
@@ -2063,13 +2064,12 @@ async def _serve_from_command_line(config: Config) -> None:
     listener is bound: with `--port 0` only then is the real port known."""
     async with trio.open_nursery() as nursery:
         server: ChatServer = await nursery.start(partial(run_server, config, handle_signals=True))
-        _tune_garbage_collector()
         if config.jwt_secret_generated:
             _print_dev_token(replace(config, port=server.port or config.port))
 
 
 def _tune_garbage_collector() -> None:
-    """Everything alive once the server listens (modules, pydantic schemas, the store)
+    """Everything alive once the server is configured (modules, pydantic schemas)
     lives as long as the process: freeze it out of the collector's scans, and make
     full collections rare (GC_FULL_THRESHOLD)."""
     gc.collect()

@@ -605,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.start_fake()
         run.start_server()
+        run.figures["stall_startup_ms"] = run.stall_mark("startup")  # before any client
         log(f"server pid {run.server_pid} on port {run.port}, fake on {run.fake_port}, "
             f"work dir {work}")
         phases = [run.quiet, run.idle, run.relay, run.unpaced, run.stop]

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent_client import (
     AgentClient,
@@ -30,6 +32,7 @@ from agent_client import (
     PreviousResponseNotFound,
     ResponseRequest,
     ResponseStarted,
+    SSEParser,
     TextDelta,
     ToolCall,
     UpstreamDisconnected,
@@ -38,7 +41,6 @@ from agent_client import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
-    _EventSizeGuard,
     decode_event,
     encode_sse,
     text_response_events,
@@ -56,6 +58,7 @@ from fake_upstream import (
     StatusReply,
     TextReply,
     ToolCallReply,
+    _Exchange,
 )
 
 API_KEY = "sk-test-DoNotLeakThisKey0123456789"
@@ -179,13 +182,67 @@ def test_synthetic_text_events_decode_to_the_text() -> None:
     assert encode_sse(events[0]).startswith(b"event: response.created\ndata: {")
 
 
-def test_event_size_guard_bounds_one_event_not_the_stream() -> None:
-    guard = _EventSizeGuard(10)
+STREAM = (
+    b"\xef\xbb\xbf: a comment, then a field we skip\r\nevent: x\r\nid: 1\r\n\r\n"
+    b"data: one\n\n"
+    b"data:two\ndata:  lines\r\rdata\n\n"  # no space after the colon; CR ends; bare field
+    b"event: only\n\n\n\n"  # no data: no event; extra blank lines
+    b"data: \xc3\xa9t\xc3\xa9\r\n\r\n"
+    b"data: unfinished"
+)
+STREAM_EVENTS = ["one", "two\n lines", "\u00e9t\u00e9"]
+
+
+def test_sse_parser_reads_the_standard_format() -> None:
+    assert SSEParser(1024).feed(STREAM) == STREAM_EVENTS
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=20))
+def test_sse_parser_gives_the_same_events_however_the_bytes_are_cut(cuts: list[int]) -> None:
+    parser = SSEParser(1024)
+    points = [0, *sorted(cuts), len(STREAM)]
+    events = [e for a, b in zip(points, points[1:], strict=False) for e in parser.feed(STREAM[a:b])]
+    assert events == STREAM_EVENTS
+
+
+def test_sse_parser_returns_the_events_of_each_chunk_together() -> None:
+    parser = SSEParser(1024)
+    assert parser.feed(b"data: a\n\ndata: b\n\ndata: c") == ["a", "b"]
+    assert parser.feed(b"\n\n") == ["c"]
+
+
+def test_sse_parser_bounds_one_event_not_the_stream() -> None:
+    parser = SSEParser(10)
     for _ in range(100):
-        guard.feed(b"data: 1\n\n")  # many small events: fine
-    guard.feed(b"data: 12")
+        assert parser.feed(b"data: 1\n\n") == ["1"]  # many small events: fine
+    parser.feed(b"data: 12")
     with pytest.raises(UpstreamProtocolError):
-        guard.feed(b"345")
+        parser.feed(b"345")
+
+
+async def test_deltas_that_arrive_together_are_one_delta_with_the_same_text(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    # The fake writes each event apart; ten deltas then arrive in one read.
+    fake.enqueue(_OneWriteReply([f"d{n} " for n in range(10)]))
+    events = await collect(client)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert "".join(d.text for d in deltas) == "".join(f"d{n} " for n in range(10))
+    assert len(deltas) == 1
+    assert isinstance(events[-1], Completed)
+
+
+class _OneWriteReply:
+    """A text answer whose events all go out in a single write."""
+
+    def __init__(self, chunks: list[str]) -> None:
+        self.chunks = chunks
+
+    async def play(self, out: _Exchange) -> None:
+        events = text_response_events("resp_one_write", "m", self.chunks)
+        await out.start(200, {"content-type": "text/event-stream"})
+        await out.send(b"".join(encode_sse(event) for event in events))
+        await out.end()
 
 
 # --- recordings, through a real socket ------------------------------------------

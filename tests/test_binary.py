@@ -6,7 +6,7 @@ Skipped unless the environment variable CHAT_BINARY names the file:
 
 What only the frozen build can get wrong, each checked against the real file: a
 module PyInstaller did not collect (trio, trio_websocket, wsproto, h11, httpx,
-httpx_sse, pydantic, jwt + cryptography for RS256/ES256, prometheus_client,
+pydantic, jwt + cryptography for RS256/ES256, prometheus_client,
 sqlite3, ssl), the web page missing from the bundle, the bootloader not forwarding
 SIGTERM or not passing the exit code on, and the unpacked folder left behind.
 
