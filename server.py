@@ -1613,7 +1613,7 @@ async def run_server(
     finally:
         with trio.CancelScope(shield=True):
             await agent.aclose()
-            store.close()
+            await store.aclose()
 
 
 async def _shutdown_on_signal(server: ChatServer) -> None:

@@ -117,7 +117,7 @@ class ChainPoint:
 
 
 class SessionStore:
-    """The database. Open with `SessionStore.open(path)`; close with `close()`."""
+    """The database. Open with `SessionStore.open(path)`; close with `aclose()`."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
@@ -140,8 +140,10 @@ class SessionStore:
         connection.executescript(_SCHEMA)
         return cls(connection)
 
-    def close(self) -> None:
-        self._db.close()
+    async def aclose(self) -> None:
+        """Close the database. In the worker thread: closing checkpoints the WAL,
+        which takes tens of milliseconds the event loop should not wait through."""
+        await trio.to_thread.run_sync(self._db.close, limiter=self._limiter)
 
     async def _run(self, work: Callable[[], _T], *, write: bool) -> _T:
         started = time.perf_counter()

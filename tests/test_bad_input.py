@@ -227,7 +227,7 @@ async def test_message_over_rate_limit_gets_rate_limited_and_is_not_stored(
         try:
             stored = await store.history("s-rate", 100)
         finally:
-            store.close()
+            await store.aclose()
     # (What each answer says depends on the context the fake saw; only m2 must be absent.)
     assert [(m.role, m.content if m.role == "user" else m.status) for m in stored] == [
         ("user", "m0"),
