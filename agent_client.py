@@ -70,9 +70,9 @@ logger = logging.getLogger(__name__)
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 # Error bodies are short JSON; we only need error.code and error.message from them.
 MAX_ERROR_BODY_BYTES = 64 * 1024
-# A burst (the upstream far ahead of us) is read 4 KB at a time, each read its own
+# A burst (the upstream far ahead of us) is read 16 KB at a time, each read its own
 # schedule point: one connection's step stays short while others wait (bench/README.md).
-LEAN_READ_BYTES = 4 * 1024
+LEAN_READ_BYTES = 16 * 1024
 # After the terminal event, the rest of the body is read for this long at most.
 BODY_DRAIN_TIMEOUT_S = 0.05
 # Pace of the offline demo model: fast enough to be pleasant, slow enough to see
