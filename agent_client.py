@@ -535,7 +535,7 @@ class AgentClient:
         # Every live turn holds a connection for its whole stream, so the pool must
         # not cap concurrency; idle ones are kept for TLS reuse.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        # One TLS context for every transport: loading the CA bundle takes ~25 ms.
+        # One TLS context for every transport: each load of the CA bundle takes ~50 ms.
         tls = httpx.create_ssl_context()
         self._http = httpx.AsyncClient(
             transport=transport,
