@@ -768,15 +768,15 @@ class AgentClient:
                     silence.deadline = trio.current_time() + self._idle_timeout_s
                     # Text deltas that arrived together go on as one (the same text):
                     # under a burst, one frame and one write per network read.
-                    texts: list[str] = []
+                    together: list[TextDelta] = []
                     for data in parser.feed(chunk):
                         event = decode_event(data)
                         if isinstance(event, TextDelta):
-                            texts.append(event.text)
+                            together.append(event)
                             continue
-                        if texts:
-                            yield TextDelta("".join(texts))
-                            texts.clear()
+                        if together:
+                            yield _joined(together)
+                            together.clear()
                         if isinstance(event, ResponseStarted):
                             response_id = event.response_id
                         elif isinstance(event, _TERMINAL):
@@ -788,8 +788,8 @@ class AgentClient:
                             return
                         if event is not None:
                             yield event
-                    if texts:
-                        yield TextDelta("".join(texts))
+                    if together:
+                        yield _joined(together)
         except httpx.TransportError as exc:
             raise UpstreamDisconnected(
                 f"upstream connection broke mid-stream: {self._describe(exc)}"
@@ -799,6 +799,10 @@ class AgentClient:
                 f"upstream body could not be decoded: {self._describe(exc)}"
             ) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
+
+def _joined(deltas: list[TextDelta]) -> TextDelta:
+    return deltas[0] if len(deltas) == 1 else TextDelta("".join(d.text for d in deltas))
 
 
 async def _close_response(response: httpx.Response) -> None:
