@@ -73,6 +73,9 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 # A burst (the upstream far ahead of us) is read 16 KB at a time, each read its own
 # schedule point: one connection's step stays short while others wait (bench/README.md).
 LEAN_READ_BYTES = 16 * 1024
+# ...and once a pass of the event loop has run this long, bursting reads wait for the
+# next pass: the loop polls I/O again, and sessions with a delta or two go first.
+BURST_PASS_BUDGET_S = 0.005
 # After the terminal event, the rest of the body is read for this long at most.
 BODY_DRAIN_TIMEOUT_S = 0.05
 # Pace of the offline demo model: fast enough to be pleasant, slow enough to see
@@ -339,6 +342,33 @@ SocketOption = (
 )
 
 
+class _LoopPassClock(trio.abc.Instrument):
+    """When the current pass of trio's run loop began (its I/O poll returned)."""
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._started = time.perf_counter()
+
+    def age_s(self) -> float:
+        return time.perf_counter() - self._started
+
+
+_LOOP_PASS_CLOCK: trio.lowlevel.RunVar[_LoopPassClock] = trio.lowlevel.RunVar("loop_pass_clock")
+
+
+def _loop_pass_clock() -> _LoopPassClock:
+    """The pass clock of the running trio loop, installed on first use."""
+    try:
+        return _LOOP_PASS_CLOCK.get()
+    except LookupError:
+        clock = _LoopPassClock()
+        trio.lowlevel.add_instrument(clock)
+        _LOOP_PASS_CLOCK.set(clock)
+        return clock
+
+
 class _LeanReadTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport, over connections that read cheaply (`_LeanReadStream`).
 
@@ -404,6 +434,7 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
             inner.get_extra_info("socket") if plain else None
         )
         self._drained = True
+        self._loop_pass = _loop_pass_clock()
 
     async def read(
         self,
@@ -417,6 +448,8 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
                 await trio.lowlevel.wait_readable(self._socket)
             else:
                 await trio.lowlevel.checkpoint()  # every read is a schedule point
+                while self._loop_pass.age_s() > BURST_PASS_BUDGET_S:
+                    await trio.lowlevel.checkpoint()
             while True:
                 try:
                     data = os.read(self._socket.fileno(), min(max_bytes, LEAN_READ_BYTES))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_client import (
+    BURST_PASS_BUDGET_S,
     AgentClient,
     AgentEvent,
     Completed,
@@ -41,6 +43,7 @@ from agent_client import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    _loop_pass_clock,
     decode_event,
     encode_sse,
     text_response_events,
@@ -809,3 +812,15 @@ async def test_silence_before_the_headers_is_timeout(fake: FakeUpstream) -> None
     finally:
         await agent.aclose()
     assert len(fake.requests) == 1  # the request may be running upstream: not repeated
+
+
+async def test_loop_pass_clock_is_one_per_run_and_restarts_at_every_io_poll() -> None:
+    # Bursting reads give way once a loop pass is older than BURST_PASS_BUDGET_S.
+    clock = _loop_pass_clock()
+    assert _loop_pass_clock() is clock
+    busy_until = time.perf_counter() + 2 * BURST_PASS_BUDGET_S
+    while time.perf_counter() < busy_until:  # a long pass: this task computing
+        pass
+    assert clock.age_s() > BURST_PASS_BUDGET_S
+    await trio.lowlevel.checkpoint()  # the next pass starts with an I/O poll
+    assert clock.age_s() < BURST_PASS_BUDGET_S
