@@ -164,20 +164,24 @@ async def test_upgrade_request_whose_body_never_finishes_the_handshake_is_droppe
 
 
 class _LongAnswerReply:
-    """`count` deltas of `chunk`, sent as fast as the server takes them and generated one
-    at a time, so the fake's own memory stays flat (TextReply builds the whole answer
-    first, which would hide the server's memory in the measurement)."""
+    """`count` deltas (`delta(n)` for the n-th), sent as fast as the server takes them and
+    generated one at a time, so the fake's own memory stays flat (TextReply builds the
+    whole answer first, which would hide the server's memory in the measurement)."""
 
-    def __init__(self, chunk: str, count: int) -> None:
-        self.chunk = chunk
+    def __init__(self, delta: Callable[[int], str], count: int) -> None:
+        self.delta = delta
         self.count = count
 
     async def play(self, out: _Exchange) -> None:
         await out.start(200, {"content-type": "text/event-stream"})
         created = {"type": "response.created", "response": {"id": "resp_long"}}
         await out.send(encode_sse(created))
-        for _ in range(self.count):
-            delta = {"type": "response.output_text.delta", "item_id": "m", "delta": self.chunk}
+        for number in range(self.count):
+            delta = {
+                "type": "response.output_text.delta",
+                "item_id": "m",
+                "delta": self.delta(number),
+            }
             await out.send(encode_sse(delta))
         completed = {"type": "response.completed", "response": {"id": "resp_long"}}
         await out.send(encode_sse(completed))
@@ -253,7 +257,7 @@ async def test_client_that_stops_reading_is_closed_1008_with_bounded_memory_and_
     server = await start_server(max_outbox_chars=max_outbox_chars, send_timeout_s=send_timeout_s)
     assert server.port is not None
     # A fast upstream with a long answer: 40 000 deltas of 200 characters, 8 MB in all.
-    fake.enqueue(_LongAnswerReply("x" * 199 + " ", 40_000))  # type: ignore[arg-type]
+    fake.enqueue(_LongAnswerReply(lambda _: "x" * 199 + " ", 40_000))  # type: ignore[arg-type]
 
     tracemalloc.start()
     try:
@@ -318,28 +322,6 @@ def _take_text_frames(buffer: bytearray) -> list[bytes]:
     return payloads
 
 
-class _NumberedAnswerReply:
-    """`count` distinct deltas (`numbered_delta(n)`), as fast as the server takes them."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    async def play(self, out: _Exchange) -> None:
-        await out.start(200, {"content-type": "text/event-stream"})
-        created = {"type": "response.created", "response": {"id": "resp_numbered"}}
-        await out.send(encode_sse(created))
-        for number in range(self.count):
-            delta = {
-                "type": "response.output_text.delta",
-                "item_id": "m",
-                "delta": numbered_delta(number),
-            }
-            await out.send(encode_sse(delta))
-        completed = {"type": "response.completed", "response": {"id": "resp_numbered"}}
-        await out.send(encode_sse(completed))
-        await out.end()
-
-
 def numbered_delta(number: int) -> str:
     return f"<{number:05d}>" + "é" * 40 + " "
 
@@ -353,7 +335,7 @@ async def test_client_that_lags_gets_every_character_in_order(
     # in its place.
     assert server.port is not None
     count = 4000
-    fake.enqueue(_NumberedAnswerReply(count))  # type: ignore[arg-type]
+    fake.enqueue(_LongAnswerReply(numbered_delta, count))  # type: ignore[arg-type]
     lagging = await _handshake_small_window(server.port, "lagging", "lagging-user")
     with trio.fail_after(CLIENT_WAIT_S):
         while await lagging.receive_some(1) != b"}":  # the rest of the `connected` frame
