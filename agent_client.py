@@ -632,8 +632,7 @@ class AgentClient:
                         # turn still drops the upstream connection here, not at garbage
                         # collection.
                         await _close_response(response)
-                    if not silence.cancelled_caught:
-                        return
+                    return
             if silence.cancelled_caught:
                 raise UpstreamTimeout(
                     f"upstream sent nothing for {self._idle_timeout_s:g} s"
