@@ -434,7 +434,6 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
             inner.get_extra_info("socket") if plain else None
         )
         self._drained = True
-        self._loop_pass = _loop_pass_clock()
 
     async def read(
         self,
@@ -443,22 +442,25 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
     ) -> bytes:
         if self._socket is None or timeout is not None:
             return await self._inner.read(max_bytes, timeout)
+        read_bytes = min(max_bytes, LEAN_READ_BYTES)
         try:
             if self._drained:
                 await trio.lowlevel.wait_readable(self._socket)
             else:
                 await trio.lowlevel.checkpoint()  # every read is a schedule point
-                while self._loop_pass.age_s() > BURST_PASS_BUDGET_S:
+                # Only bursts consult the pass clock (and install it, on first use).
+                loop_pass = _loop_pass_clock()
+                while loop_pass.age_s() > BURST_PASS_BUDGET_S:
                     await trio.lowlevel.checkpoint()
             while True:
                 try:
-                    data = os.read(self._socket.fileno(), min(max_bytes, LEAN_READ_BYTES))
+                    data = os.read(self._socket.fileno(), read_bytes)
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self._socket)
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
-        self._drained = len(data) < min(max_bytes, LEAN_READ_BYTES)
+        self._drained = len(data) < read_bytes
         return data
 
     async def write(
