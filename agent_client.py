@@ -2,8 +2,9 @@
 
 This module owns everything between "the server wants a model answer" and
 "here are our own events": building the ``POST {base_url}/responses`` request,
-retrying what is safe to retry, reading the SSE stream (``SSEParser``),
-mapping upstream events to the small event set below, and closing the upstream
+retrying what is safe to retry, reading the body (a chunked body is decoded
+here, ``ChunkedBodyDecoder``, on httpx's own pooled connection) and its SSE
+stream (``SSEParser``), mapping upstream events to the small event set below, and closing the upstream
 connection the moment the caller leaves the stream's context. It also owns the
 offline demo model (``DemoModelTransport``) and the pure helpers that
 synthesise a Responses API text stream (``text_response_events``,
@@ -73,15 +74,22 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 # A burst (the upstream far ahead of us) is read 16 KB at a time, each read its own
 # schedule point: one connection's step stays short while others wait (bench/README.md).
 LEAN_READ_BYTES = 16 * 1024
-# ...and once a pass of the event loop has run this long, bursting reads wait for the
-# next pass: the loop polls I/O again, and sessions with a delta or two go first.
+# ...and once a pass of the event loop has run this long, a read of a burst (this much
+# or more) waits for the next pass before it returns: the loop polls I/O again, and
+# sessions with a delta or two go first.
 BURST_PASS_BUDGET_S = 0.005
+BURST_READ_BYTES = 4 * 1024
+# A chunk-size line is a hex number and perhaps extensions; h11 allows 16 KB for it.
+MAX_CHUNK_LINE_BYTES = 16 * 1024
 # After the terminal event, the rest of the body is read for this long at most.
 BODY_DRAIN_TIMEOUT_S = 0.05
 # Pace of the offline demo model: fast enough to be pleasant, slow enough to see
 # streaming (and to have something to stop).
 DEMO_WORD_INTERVAL_S = 0.04
 
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# Where a response head ends, by h11's rule (a line may end in LF alone).
+_HEAD_END_RE = re.compile(rb"\n\r?\n")
 _PREVIOUS_NOT_FOUND_RE = re.compile(r"previous response with id .* not found", re.IGNORECASE)
 # OpenAI echoes (partly masked) keys in 401 messages; strip anything key-shaped.
 _KEY_LIKE_RE = re.compile(r"sk-[A-Za-z0-9_\-*]{4,}")
@@ -336,6 +344,86 @@ def _event_data(block: bytes) -> str | None:
     return b"\n".join(data).decode("utf-8", errors="replace")
 
 
+class ChunkedBodyDecoder:
+    """The payload of an HTTP/1.1 chunked body (RFC 9112 §7.1), from raw bytes.
+
+    Pure, no I/O: ``feed`` takes each network read and returns the payload bytes it
+    carries, a chunk's data passed on as it arrives rather than once the chunk is
+    whole. When the last-chunk line begins, ``done`` is set and ``rest`` holds the
+    raw bytes from that line on (the last chunk, trailers, the final CRLF), so that
+    the HTTP library can read the end of the message itself. Chunk extensions are
+    ignored. Framing that is not chunked coding raises UpstreamProtocolError: from
+    the call that meets it, or, when that call has payload to return first, from the
+    next call (``failed`` is then set: make that call without waiting for input).
+    Bounded: at most one chunk-size line (``MAX_CHUNK_LINE_BYTES``) is buffered.
+    """
+
+    def __init__(self) -> None:
+        self._held = b""  # an unfinished chunk-size line, or the start of a data CRLF
+        self._data_due = 0  # payload bytes still to come in the current chunk
+        self._crlf_due = False  # the current chunk's data is over; its CRLF is next
+        self._error: UpstreamProtocolError | None = None
+        self.done = False
+        self.rest = b""
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def feed(self, raw: bytes) -> bytes:
+        if self._error is not None:
+            raise self._error
+        if self.done:
+            self.rest += raw
+            return b""
+        payload: list[bytes] = []
+        try:
+            self._decode(raw, payload)
+        except UpstreamProtocolError as error:
+            if not any(payload):
+                raise
+            self._error = error
+        return payload[0] if len(payload) == 1 else b"".join(payload)
+
+    def _decode(self, raw: bytes, payload: list[bytes]) -> None:
+        data = self._held + raw if self._held else raw
+        self._held = b""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._data_due:
+                end = min(size, pos + self._data_due)
+                payload.append(data[pos:end])
+                self._data_due -= end - pos
+                self._crlf_due = not self._data_due
+                pos = end
+            elif self._crlf_due:
+                if size - pos < 2:
+                    self._held = data[pos:]
+                    break
+                if data[pos : pos + 2] != b"\r\n":
+                    raise UpstreamProtocolError("upstream body: chunk data not followed by CRLF")
+                self._crlf_due = False
+                pos += 2
+            else:
+                end = data.find(b"\r\n", pos)
+                if end < 0:
+                    if size - pos > MAX_CHUNK_LINE_BYTES:
+                        raise UpstreamProtocolError("upstream body: chunk-size line too long")
+                    self._held = data[pos:]
+                    break
+                digits = data[pos:end].partition(b";")[0].rstrip(b" \t")
+                if not _CHUNK_SIZE_RE.fullmatch(digits):
+                    raise UpstreamProtocolError(
+                        f"upstream body: malformed chunk size {bytes(digits[:40])!r}"
+                    )
+                self._data_due = int(digits, 16)
+                if not self._data_due:
+                    self.done = True
+                    self.rest = data[pos:]
+                    break
+                pos = end + 2
+
+
 # httpcore's socket option shape (it does not export the alias).
 SocketOption = (
     tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
@@ -420,47 +508,101 @@ class _LeanReadBackend(httpcore.AsyncNetworkBackend):
 
 
 class _LeanReadStream(httpcore.AsyncNetworkStream):
-    """An httpcore connection whose untimed reads on plain TCP skip httpcore's and
-    trio's layers: they are a read per SSE event, and those layers (a cancel scope,
-    three exception-mapping context managers, a recv tried before every wait) cost
-    more than the event. When the last read drained the socket, it waits for
-    readability first instead of trying a recv that would fail. Timed reads, TLS
-    connections and everything else are httpcore's own."""
+    """An httpcore connection whose reads are cheap, and whose response bodies the
+    agent client can read itself (`_TappedBody`).
+
+    Cheap reads: untimed reads on plain TCP skip httpcore's and trio's layers. They
+    are a read per SSE event, and those layers (a cancel scope, three
+    exception-mapping context managers, a recv tried before every wait) cost more
+    than the event. When the last read drained the socket, it waits for readability
+    first instead of trying a recv that would fail. Timed reads, TLS connections and
+    everything else are httpcore's own.
+
+    Body hand-over: from each request write until ``take_body``, a read returns at
+    most up to the end of a response head (by h11's rule), and keeps what follows.
+    So when httpcore has the final response's head, h11 holds no byte of the body,
+    and ``take_body`` hands that body over: the bytes read past the head, then
+    plain reads. ``give_back`` returns bytes for httpcore to read (the end of the
+    message), so that a response read this way still ends in httpcore's pool.
+    """
 
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
         self._inner = inner
+        # Plain TCP's descriptor, while the socket is open (-1: read through httpcore).
         plain = inner.get_extra_info("ssl_object") is None
-        self._socket: trio.socket.SocketType | None = (
-            inner.get_extra_info("socket") if plain else None
-        )
+        self._fd: int = inner.get_extra_info("socket").fileno() if plain else -1
         self._drained = True
+        self._unread = b""  # read from the network, not yet returned
+        self._in_head = False  # reads stop at the end of a response head
+        self._head_tail = b""  # the last bytes of the head so far: its end may straddle reads
 
     async def read(
         self,
         max_bytes: int,
         timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
     ) -> bytes:
-        if self._socket is None or timeout is not None:
+        if self._unread:
+            data, self._unread = self._unread[:max_bytes], self._unread[max_bytes:]
+            await trio.lowlevel.checkpoint()  # every read is a schedule point
+        else:
+            data = await self._read_network(max_bytes, timeout)
+        if self._in_head and data:
+            data = self._up_to_head_end(data)
+        return data
+
+    def take_body(self) -> bytes:
+        """End head mode; the bytes already read past the head (see the class doc)."""
+        self._in_head = False
+        data, self._unread = self._unread, b""
+        return data
+
+    def give_back(self, data: bytes) -> None:
+        """Make ``data`` the next bytes read."""
+        self._unread = data + self._unread
+
+    def _up_to_head_end(self, data: bytes) -> bytes:
+        seen = self._head_tail + data
+        end = _HEAD_END_RE.search(seen)
+        if end is None:
+            self._head_tail = seen[-2:]
+            return data
+        # The tail held no head end (it would have been cut at), so `cut` is > 0.
+        cut = end.end() - len(self._head_tail)
+        self._head_tail = b""
+        self._unread = data[cut:] + self._unread
+        return data[:cut]
+
+    async def _read_network(
+        self,
+        max_bytes: int,
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> bytes:
+        if self._fd < 0 or timeout is not None:
             return await self._inner.read(max_bytes, timeout)
         read_bytes = min(max_bytes, LEAN_READ_BYTES)
         try:
             if self._drained:
-                await trio.lowlevel.wait_readable(self._socket)
+                await trio.lowlevel.wait_readable(self._fd)
             else:
                 await trio.lowlevel.checkpoint()  # every read is a schedule point
-                # Only bursts consult the pass clock (and install it, on first use).
-                loop_pass = _loop_pass_clock()
-                while loop_pass.age_s() > BURST_PASS_BUDGET_S:
-                    await trio.lowlevel.checkpoint()
             while True:
                 try:
-                    data = os.read(self._socket.fileno(), read_bytes)
+                    data = os.read(self._fd, read_bytes)
                     break
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self._socket)
+                    await trio.lowlevel.wait_readable(self._fd)
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
         self._drained = len(data) < read_bytes
+        if len(data) >= BURST_READ_BYTES:
+            # Only bursts consult the pass clock (and install it, on first use). The
+            # data waits in _unread, so a cancelled wait loses none of it.
+            loop_pass = _loop_pass_clock()
+            if loop_pass.age_s() > BURST_PASS_BUDGET_S:
+                self._unread = data
+                while loop_pass.age_s() > BURST_PASS_BUDGET_S:
+                    await trio.lowlevel.checkpoint()
+                data, self._unread = self._unread, b""
         return data
 
     async def write(
@@ -468,9 +610,11 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
         buffer: bytes,
         timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
     ) -> None:
+        self._in_head, self._head_tail = True, b""  # a request: its response head comes next
         await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
+        self._fd = -1  # the number may belong to another socket once this one is closed
         await self._inner.aclose()
 
     async def start_tls(
@@ -643,9 +787,9 @@ class AgentClient:
 
     def _silence_scope(self) -> trio.CancelScope:
         """The scope one upstream response lives in: it is cancelled once the upstream
-        sends no bytes for idle_timeout_s (before the headers, or between chunks).
-        Every chunk pushes its deadline (`_events`): one scope per response instead
-        of one per read."""
+        sends no bytes for idle_timeout_s (before the headers, or between chunks; in
+        the body, up to an eighth more). Chunks push its deadline (`_events`): one
+        scope per response instead of one per read."""
         return trio.CancelScope(deadline=trio.current_time() + self._idle_timeout_s)
 
     async def _open(
@@ -791,15 +935,20 @@ class AgentClient:
     async def _events(
         self, response: httpx.Response, silence: trio.CancelScope
     ) -> AsyncGenerator[AgentEvent, None]:
-        # aiter_bytes() is an async generator (typed as a plain iterator); we close it
-        # ourselves so nothing is left for the garbage collector.
-        chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        chunks = _body_chunks(response)
+        # The silence deadline moves at most once per slack_s (moving it costs more than
+        # an SSE event): silence is still allowed idle_timeout_s, and at most slack_s more.
+        slack_s = self._idle_timeout_s / 8
+        push_at = trio.current_time()
         parser = SSEParser(MAX_SSE_EVENT_BYTES)
         response_id: str | None = None
         try:
             async with aclosing(chunks):
                 async for chunk in chunks:
-                    silence.deadline = trio.current_time() + self._idle_timeout_s
+                    now = trio.current_time()
+                    if now >= push_at:
+                        silence.deadline = now + self._idle_timeout_s + slack_s
+                        push_at = now + slack_s
                     # Text deltas that arrived together go on as one (the same text):
                     # under a burst, one frame and one write per network read.
                     together: list[TextDelta] = []
@@ -833,6 +982,60 @@ class AgentClient:
                 f"upstream body could not be decoded: {self._describe(exc)}"
             ) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
+
+def _body_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """The body of a streamed response, chunk by chunk: a plain chunked body on our own
+    connection is read by `_tapped_body`, anything else through httpx."""
+    stream = response.extensions.get("network_stream")
+    if isinstance(stream, _LeanReadStream):
+        opening = stream.take_body()
+        if _is_plain_chunked(response):
+            return _tapped_body(response, stream, opening)
+        stream.give_back(opening)
+    # aiter_bytes() is an async generator (typed as a plain iterator); the caller
+    # closes it, so nothing is left for the garbage collector.
+    return cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+
+
+def _is_plain_chunked(response: httpx.Response) -> bool:
+    """Chunked coding (the only transfer coding h11 knows) and no content coding."""
+    headers = response.headers
+    return (
+        response.http_version == "HTTP/1.1"
+        and headers.get("transfer-encoding", "").strip().lower() == "chunked"
+        and headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
+    )
+
+
+async def _tapped_body(
+    response: httpx.Response, stream: _LeanReadStream, opening: bytes
+) -> AsyncGenerator[bytes, None]:
+    """A chunked body decoded here, one payload per network read: httpx, httpcore and
+    h11 would pass each read through five async generators and two h11 events, which
+    cost more than the SSE event it carries (bench/README.md). The end of the message
+    goes back to httpcore to read, so the connection is released to the pool as usual.
+    Raises what httpx would: ReadError for a broken connection, and
+    UpstreamProtocolError for broken framing."""
+    decoder = ChunkedBodyDecoder()
+    raw = opening
+    while True:
+        payload = decoder.feed(raw)
+        if payload:
+            yield payload
+        if decoder.done:
+            break
+        if decoder.failed:
+            raw = b""  # the next feed raises
+            continue
+        try:
+            raw = await stream.read(LEAN_READ_BYTES)
+        except httpcore.NetworkError as exc:
+            raise httpx.ReadError(str(exc)) from exc
+        if not raw:
+            raise httpx.RemoteProtocolError("upstream closed the connection inside a chunked body")
+    stream.give_back(decoder.rest)
+    await response.aread()  # nothing but the end of the message is left
 
 
 def _joined(deltas: list[TextDelta]) -> TextDelta:

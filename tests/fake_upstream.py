@@ -90,6 +90,14 @@ class _Exchange:
                 self.note_client_closed()
                 raise
 
+    async def send_raw(self, data: bytes) -> None:
+        """Bytes past h11, HTTP framing included; the connection closes after them."""
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.note_client_closed()
+            raise
+
     async def start(self, status: int, headers: dict[str, str]) -> None:
         merged = headers if self._keep_alive else {**headers, "connection": "close"}
         await self._send(h11.Response(status_code=status, headers=list(merged.items())))
@@ -343,6 +351,16 @@ class GarbageReply:
         await out.respond(200, self.body, self.content_type)
 
 
+@dataclass
+class RawReply:
+    """A whole HTTP response as raw bytes, in one write: framing h11 will not produce."""
+
+    data: bytes
+
+    async def play(self, out: _Exchange) -> None:
+        await out.send_raw(self.data)
+
+
 Reply = (
     TextReply
     | RecordingReply
@@ -353,6 +371,7 @@ Reply = (
     | StallReply
     | DropReply
     | GarbageReply
+    | RawReply
 )
 
 

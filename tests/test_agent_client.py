@@ -9,24 +9,33 @@ are computed from the recording files themselves, by a parser independent of
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import h11
+import httpcore
 import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+import agent_client
 from agent_client import (
     BURST_PASS_BUDGET_S,
+    BURST_READ_BYTES,
+    MAX_CHUNK_LINE_BYTES,
     AgentClient,
     AgentEvent,
+    ChunkedBodyDecoder,
     Completed,
     DemoModelTransport,
     Failed,
@@ -43,6 +52,7 @@ from agent_client import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    _LeanReadStream,
     _loop_pass_clock,
     decode_event,
     encode_sse,
@@ -56,6 +66,7 @@ from fake_upstream import (
     FakeUpstream,
     GarbageReply,
     IncompleteReply,
+    RawReply,
     RecordingReply,
     StallReply,
     StatusReply,
@@ -772,7 +783,7 @@ async def test_a_completed_stream_returns_its_connection_to_the_pool(
 async def test_https_upstream_streams_and_reuses_its_tls_connection(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The real API is HTTPS: the TLS connection reads through httpcore's own path.
+    # The real API is HTTPS: TLS reads go through httpcore, the body is still ours.
     cert, key = self_signed_cert(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -824,3 +835,222 @@ async def test_loop_pass_clock_is_one_per_run_and_restarts_at_every_io_poll() ->
     assert clock.age_s() > BURST_PASS_BUDGET_S
     await trio.lowlevel.checkpoint()  # the next pass starts with an I/O poll
     assert clock.age_s() < BURST_PASS_BUDGET_S
+
+
+# --- chunked bodies: decoded by the agent client itself ------------------------
+
+
+def _chunked_by_h11(
+    pieces: list[bytes], trailers: list[tuple[bytes, bytes]]
+) -> tuple[bytes, bytes]:
+    """(the data chunks, the message end) of a chunked body as h11 writes it."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert isinstance(server.next_event(), h11.Request)
+    server.send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
+    data = b"".join(server.send(h11.Data(data=piece)) or b"" for piece in pieces)
+    return data, server.send(h11.EndOfMessage(headers=trailers)) or b""
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), max_size=8),
+    st.lists(st.integers(min_value=0, max_value=500), max_size=12),
+)
+def test_chunked_decoder_agrees_with_h11_however_the_bytes_are_cut(
+    pieces: list[bytes], cuts: list[int]
+) -> None:
+    chunks, end = _chunked_by_h11(pieces, [(b"x-trailer", b"1")])
+    body = chunks + end + b"NEXT"
+    decoder = ChunkedBodyDecoder()
+    points = [0, *sorted(c for c in cuts if c < len(body)), len(body)]
+    payload = b"".join(decoder.feed(body[a:b]) for a, b in pairwise(points))
+    assert payload == b"".join(pieces)
+    assert decoder.done
+    assert decoder.rest == end + b"NEXT"  # for h11 to read: the last chunk on
+
+
+def test_chunked_decoder_reads_extensions_and_any_case_of_hex() -> None:
+    decoder = ChunkedBodyDecoder()
+    assert decoder.feed(b"5;name=value\r\nhello\r\nA \r\n0123456789\r\n") == b"hello0123456789"
+    assert not decoder.done
+    assert decoder.feed(b"0;last\r\n\r\n") == b""
+    assert decoder.done and decoder.rest == b"0;last\r\n\r\n"
+
+
+def test_chunked_decoder_passes_data_on_before_the_chunk_is_whole() -> None:
+    decoder = ChunkedBodyDecoder()
+    assert decoder.feed(b"a\r\nabc") == b"abc"
+    assert decoder.feed(b"defghij\r") == b"defghij"
+    assert decoder.feed(b"\n3\r\nxyz\r\n") == b"xyz"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\n",  # not hex
+        b"-5\r\nhello\r\n",  # signs, prefixes and spaces int() would take
+        b"0x5\r\nhello\r\n",
+        b" 5\r\nhello\r\n",
+        b"\r\n",  # no size at all
+        b"11111111111111111\r\n",  # past 16 hex digits
+        b"5\r\nhelloXY",  # chunk data not followed by CRLF
+        b"1" * (MAX_CHUNK_LINE_BYTES + 1),  # a size line that never ends
+    ],
+)
+def test_chunked_decoder_rejects_broken_framing(body: bytes) -> None:
+    decoder = ChunkedBodyDecoder()
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(body)
+        decoder.feed(b"")  # the payload before the error came first
+
+
+def test_chunked_decoder_returns_the_payload_before_broken_framing_first() -> None:
+    decoder = ChunkedBodyDecoder()
+    assert decoder.feed(b"3\r\nabc\r\nzz\r\n") == b"abc"
+    assert decoder.failed
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(b"")
+
+
+class _ScriptedStream(httpcore.AsyncNetworkStream):
+    """An httpcore stream that reads a script, one piece per read (like TLS: no fd)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = deque(pieces)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        await trio.lowlevel.checkpoint()
+        return self._pieces.popleft() if self._pieces else b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def get_extra_info(self, info: str) -> Any:
+        return object() if info == "ssl_object" else None
+
+
+# An informational head, then the final one with bare-LF line ends (h11 takes both).
+HEADS = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\ncontent-type: text/event-stream\ntransfer-encoding: chunked\n\n"
+)
+BODY = b"5\r\nhello\r\n0\r\n\r\n"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(HEADS + BODY) - 1), max_size=10))
+def test_the_body_is_handed_over_whole_however_the_response_is_cut(cuts: list[int]) -> None:
+    # h11 is the oracle: once it has the final head it must hold no byte of the body,
+    # and take_body plus the reads after it must give exactly the body.
+    raw = HEADS + BODY
+    points = [0, *sorted(set(cuts)), len(raw)]
+
+    async def exchange() -> None:
+        stream = _LeanReadStream(_ScriptedStream([raw[a:b] for a, b in pairwise(points)]))
+        await stream.write(b"POST / HTTP/1.1\r\n...")  # a request: its response head is next
+        h11_client = h11.Connection(h11.CLIENT)
+        h11_client.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+        while not isinstance(event := h11_client.next_event(), h11.Response):
+            if event is h11.NEED_DATA:
+                h11_client.receive_data(await stream.read(65536))
+        assert h11_client.trailing_data == (b"", False)
+        body = stream.take_body()
+        while more := await stream.read(65536):
+            body += more
+        assert body == BODY
+
+    trio.run(exchange)
+
+
+SSE_BODY = b"".join(encode_sse(e) for e in text_response_events("resp_raw", "m", ["Hel", "lo"]))
+
+
+def _chunked(data: bytes, size: int = 50) -> bytes:
+    return b"".join(
+        b"%x\r\n%s\r\n" % (len(data[i : i + size]), data[i : i + size])
+        for i in range(0, len(data), size)
+    )
+
+
+RAW_SSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+FRAMINGS = {
+    # the agent client decodes these bodies itself...
+    "chunked": RAW_SSE + b"transfer-encoding: chunked\r\n\r\n" + _chunked(SSE_BODY) + b"0\r\n\r\n",
+    "informational head first, trailers last": b"HTTP/1.1 100 Continue\r\n\r\n"
+    + RAW_SSE
+    + b"transfer-encoding: chunked\r\n\r\n"
+    + _chunked(SSE_BODY)
+    + b"0\r\nx-t: 1\r\n\r\n",
+    # ...and leaves these to httpx
+    "content-length": RAW_SSE + b"content-length: %d\r\n\r\n" % len(SSE_BODY) + SSE_BODY,
+    "gzip": RAW_SSE
+    + b"content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
+    + _chunked(gzip.compress(SSE_BODY))
+    + b"0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_every_framing_streams_the_same_answer(
+    fake: FakeUpstream, client: AgentClient, framing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Head and whole body in one write: the first read holds both.
+    body_through_h11 = 0
+    next_event = h11.Connection.next_event
+
+    def counting(self: h11.Connection) -> Any:
+        nonlocal body_through_h11
+        event = next_event(self)
+        body_through_h11 += self.our_role is h11.CLIENT and isinstance(event, h11.Data)
+        return event
+
+    monkeypatch.setattr(h11.Connection, "next_event", counting)
+    fake.enqueue(RawReply(FRAMINGS[framing]))
+    events = await collect(client)
+    assert text_of(events) == "Hello"
+    assert events[0] == ResponseStarted("resp_raw") and isinstance(events[-1], Completed)
+    assert (body_through_h11 == 0) == (framing.startswith(("chunked", "informational")))
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [(b"zz\r\n", UpstreamProtocolError), (b"", UpstreamDisconnected)],  # bad size; EOF
+)
+async def test_broken_chunked_framing_mid_stream_fails_the_stream(
+    fake: FakeUpstream, client: AgentClient, broken: bytes, error: type[UpstreamError]
+) -> None:
+    events = text_response_events("resp_raw", "m", ["Hel", "lo"])
+    first_delta = next(i for i, e in enumerate(events) if e["type"].endswith(".delta"))
+    opening = b"".join(encode_sse(e) for e in events[: first_delta + 1])
+    fake.enqueue(
+        RawReply(RAW_SSE + b"transfer-encoding: chunked\r\n\r\n" + _chunked(opening) + broken)
+    )
+    seen: list[AgentEvent] = []
+    with pytest.raises(error), trio.fail_after(IO_LIMIT_S):
+        async with client.stream(REQUEST) as stream:
+            async for event in stream:
+                seen.append(event)
+    assert text_of(seen) == "Hel"
+
+
+async def test_a_burst_read_waiting_for_the_next_pass_keeps_its_data_when_cancelled(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(IO_LIMIT_S):
+        stream = _LeanReadStream(await httpcore.TrioBackend().connect_tcp("127.0.0.1", port))
+        peer = await listeners[0].accept()
+    async with peer, listeners[0]:
+        burst = bytes(range(256)) * (BURST_READ_BYTES // 256 + 1)
+        await peer.send_all(burst)
+        monkeypatch.setattr(agent_client, "BURST_PASS_BUDGET_S", -1.0)  # every pass too old
+        with trio.move_on_after(0.05) as waited:
+            await stream.read(len(burst))
+        assert waited.cancelled_caught
+        monkeypatch.setattr(agent_client, "BURST_PASS_BUDGET_S", BURST_PASS_BUDGET_S)
+        with trio.fail_after(IO_LIMIT_S):
+            assert await stream.read(len(burst)) == burst
+        await stream.aclose()
