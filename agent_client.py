@@ -4,8 +4,9 @@ This module owns everything between "the server wants a model answer" and
 "here are our own events": building the ``POST {base_url}/responses`` request,
 retrying what is safe to retry, reading the body (a chunked body is decoded
 here, ``ChunkedBodyDecoder``, on httpx's own pooled connection) and its SSE
-stream (``SSEParser``), mapping upstream events to the small event set below, and closing the upstream
-connection the moment the caller leaves the stream's context. It also owns the
+stream (``SSEParser``), mapping upstream events to the small event set below,
+and closing the upstream connection the moment the caller leaves the stream's
+context. It also owns the
 offline demo model (``DemoModelTransport``) and the pure helpers that
 synthesise a Responses API text stream (``text_response_events``,
 ``encode_sse``), which the test fake upstream reuses.

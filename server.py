@@ -116,6 +116,9 @@ MAX_TOKEN_BYTES = 8 * 1024
 GC_FULL_THRESHOLD = 1_000
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
+# Connections whose client is gone that are torn down per pass of the event loop when
+# many drop at once (`DropGate`): a teardown costs ~90 µs here, so about 5 ms a pass.
+DROPS_PER_PASS = 50
 
 
 # =========================================================================== configuration
@@ -301,6 +304,41 @@ class RequestHead:
         return self.headers.get("upgrade", "").lower() == "websocket"
 
 
+class DropGate:
+    """Spreads the teardown of many connections whose clients dropped at once.
+
+    When thousands of clients vanish together (a network blip, a proxy restart),
+    epoll reports every end of stream in one batch and trio runs every woken task in
+    one pass: at ~90 µs of teardown each, 10,000 drops would stop every other session
+    for about a second. A stream that finds its client gone passes this gate before
+    it tells trio-websocket: at most ``per_pass`` go on per pass of the event loop,
+    the rest wait in arrival order, and `run` lets them on pass by pass.
+    """
+
+    def __init__(self, per_pass: int) -> None:
+        self._per_pass = per_pass
+        self._free = per_pass  # may go on without waiting
+        self._waiting = trio.lowlevel.ParkingLot()
+        self._wake_pacer = trio.Event()
+
+    async def pass_through(self) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        self._wake_pacer.set()
+        await self._waiting.park()
+
+    async def run(self) -> None:
+        """The pacer, for the server's lifetime: per_pass waiting streams each pass."""
+        while True:
+            await self._wake_pacer.wait()
+            self._wake_pacer = trio.Event()
+            while self._waiting:
+                self._waiting.unpark(count=self._per_pass)
+                await trio.lowlevel.checkpoint()  # they run in the next pass, then we do
+            self._free = self._per_pass
+
+
 class ClientStream(trio.abc.Stream):
     """A client's TCP stream, under trio-websocket and under the hot path.
 
@@ -315,11 +353,14 @@ class ClientStream(trio.abc.Stream):
     anything else, and stays committed if its writer is cancelled, so a frame is never
     cut by another. One task at a time waits to write; others queue behind it.
     On TLS (no socket to write to directly) every write is the TLS stream's.
+
+    The end of the stream, or a broken one, passes `drops` (a DropGate) first.
     """
 
-    def __init__(self, inner: trio.abc.Stream, already_read: bytes) -> None:
+    def __init__(self, inner: trio.abc.Stream, already_read: bytes, drops: DropGate) -> None:
         self._inner = inner
         self._replay = already_read
+        self._drops = drops
         self._socket = inner.socket if isinstance(inner, trio.SocketStream) else None
         self._pending = b""
         self._flushed: trio.Event | None = None  # exists while a task waits to write
@@ -330,7 +371,14 @@ class ClientStream(trio.abc.Stream):
             chunk, self._replay = self._replay[:size], self._replay[size:]
             await trio.lowlevel.checkpoint()
             return chunk
-        return await self._inner.receive_some(max_bytes)
+        try:
+            data = await self._inner.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            await self._drops.pass_through()
+            raise
+        if not data:
+            await self._drops.pass_through()
+        return data
 
     def write_now(self, data: bytes) -> bool:
         """Write `data` without waiting if nothing is queued before it and the kernel
@@ -1347,6 +1395,7 @@ class ChatServer:
             **web_page_routes(),
         }
         self._sessions: dict[str, ChatConnection] = {}
+        self._drops = DropGate(DROPS_PER_PASS)
         self._connections_by_user: dict[str, int] = {}
         self._connection_count = 0
         self._shutdown = trio.Event()
@@ -1373,6 +1422,7 @@ class ChatServer:
             ]
         scheme = "https" if self.config.tls_cert else "http"
         async with trio.open_nursery() as handlers:
+            handlers.start_soon(self._drops.run)  # cancelled with the handlers, by _drain
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(
                     partial(
@@ -1446,7 +1496,7 @@ class ChatServer:
                 with trio.move_on_after(self.config.handshake_timeout_s):
                     request = await wrap_server_stream(
                         ws_tasks,
-                        client_stream := ClientStream(stream, head.raw),
+                        client_stream := ClientStream(stream, head.raw, self._drops),
                         message_queue_size=WS_MESSAGE_QUEUE_SIZE,
                         max_message_size=self.config.max_frame_bytes,
                     )

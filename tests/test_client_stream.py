@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from conftest import CLIENT_WAIT_S
-from server import ClientStream
+from server import ClientStream, DropGate
 
 FRAME_BYTES = 1500  # more than the kernel takes whole once its buffers are nearly full
 MAX_FRAMES = 20_000  # bounds every fill loop
@@ -44,7 +44,7 @@ async def _pair() -> AsyncIterator[tuple[ClientStream, trio.SocketStream]]:
     await listener.aclose()
     server_side.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     client = trio.SocketStream(client_sock)
-    stream = ClientStream(server_side, b"")
+    stream = ClientStream(server_side, b"", DropGate(1))
     try:
         yield stream, client
     finally:
@@ -163,10 +163,57 @@ async def test_broken_and_closed_streams_raise_trio_errors() -> None:
 async def test_streams_without_a_socket_write_through_their_own_send_all() -> None:
     # TLS streams have no socket to write to directly; a memory stream stands in.
     ours, theirs = trio.testing.memory_stream_pair()
-    stream = ClientStream(ours, b"replayed")
+    stream = ClientStream(ours, b"replayed", DropGate(1))
     assert not stream.write_now(b"direct")
     await stream.send_all(b"queued")
     assert await theirs.receive_some() == b"queued"
     assert await stream.receive_some() == b"replayed"
     await theirs.send_all(b"live")
     assert await stream.receive_some() == b"live"
+
+
+class _PassCounter(trio.abc.Instrument):
+    """Counts passes of trio's run loop (each begins when its I/O poll returns)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.passes += 1
+
+
+async def test_the_drop_gate_lets_streams_through_a_few_per_loop_pass_in_arrival_order(
+    nursery: trio.Nursery,
+) -> None:
+    gate = DropGate(3)
+    nursery.start_soon(gate.run)
+    counter = _PassCounter()
+    arrived: list[int] = []
+    through_in_pass: dict[int, int] = {}
+
+    async def drop(n: int) -> None:
+        arrived.append(n)
+        await gate.pass_through()
+        through_in_pass[n] = counter.passes
+
+    trio.lowlevel.add_instrument(counter)
+    try:
+        with trio.fail_after(CLIENT_WAIT_S):
+            async with trio.open_nursery() as drops:
+                for n in range(11):
+                    drops.start_soon(drop, n)
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert sorted(through_in_pass) == list(range(11))
+    per_pass = [list(through_in_pass.values()).count(p) for p in set(through_in_pass.values())]
+    assert max(per_pass) <= 3 and len(per_pass) >= 4
+    passes_in_arrival_order = [through_in_pass[n] for n in arrived]
+    assert passes_in_arrival_order == sorted(passes_in_arrival_order)
+    # The storm is over: the next stream goes through at once, without a pass.
+    before = counter.passes
+    trio.lowlevel.add_instrument(counter)
+    try:
+        await gate.pass_through()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert counter.passes == before

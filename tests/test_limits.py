@@ -23,6 +23,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+import server as server_module
 from agent_client import encode_sse
 from conftest import CLIENT_WAIT_S, open_chat, refusal, token_for, ws_url
 from fake_upstream import FakeUpstream, TextReply, _Exchange
@@ -220,6 +221,25 @@ async def _handshake_small_window(port: int, session_id: str, user: str) -> trio
             assert chunk
             connected += chunk
     return stream
+
+
+async def test_clients_that_drop_at_once_are_all_let_go_and_the_server_serves_on(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their teardowns pass the drop gate two per loop pass; every one must get through.
+    monkeypatch.setattr(server_module, "DROPS_PER_PASS", 2)
+    server = await start_server()
+    assert server.port is not None
+    streams = [await _handshake_small_window(server.port, f"d{n}", f"u{n}") for n in range(12)]
+    connections = [server._sessions[f"d{n}"] for n in range(12)]
+    for stream in streams:
+        stream.socket.close()  # all at once, no close frame: the clients just vanish
+    with trio.fail_after(CLIENT_WAIT_S):
+        for connection in connections:
+            await connection.finished.wait()
+    assert server.connection_count == 0
+    async with open_chat(server, "after", "alice") as client:
+        assert client.connected["user_id"] == "alice"  # type: ignore[attr-defined]
 
 
 def _masked_text_frame(text: str) -> bytes:
