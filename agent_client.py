@@ -6,10 +6,9 @@ retrying what is safe to retry, reading the body (a chunked body is decoded
 here, ``ChunkedBodyDecoder``, on httpx's own pooled connection) and its SSE
 stream (``SSEParser``), mapping upstream events to the small event set below,
 and closing the upstream connection the moment the caller leaves the stream's
-context. It also owns the
-offline demo model (``DemoModelTransport``) and the pure helpers that
-synthesise a Responses API text stream (``text_response_events``,
-``encode_sse``), which the test fake upstream reuses.
+context. It also owns the offline demo model (``DemoModelTransport``) and the
+pure helpers that synthesise a Responses API text stream
+(``text_response_events``, ``encode_sse``), which the test fake upstream reuses.
 
 Our events (frozen dataclasses)::
 
@@ -510,7 +509,7 @@ class _LeanReadBackend(httpcore.AsyncNetworkBackend):
 
 class _LeanReadStream(httpcore.AsyncNetworkStream):
     """An httpcore connection whose reads are cheap, and whose response bodies the
-    agent client can read itself (`_TappedBody`).
+    agent client can read itself (`_tapped_body`).
 
     Cheap reads: untimed reads on plain TCP skip httpcore's and trio's layers. They
     are a read per SSE event, and those layers (a cancel scope, three
@@ -1016,8 +1015,8 @@ async def _tapped_body(
     h11 would pass each read through five async generators and two h11 events, which
     cost more than the SSE event it carries (bench/README.md). The end of the message
     goes back to httpcore to read, so the connection is released to the pool as usual.
-    Raises what httpx would: ReadError for a broken connection, and
-    UpstreamProtocolError for broken framing."""
+    Raises httpx.ReadError or RemoteProtocolError for a broken or closed connection
+    (as httpx would), UpstreamProtocolError for framing that is not chunked coding."""
     decoder = ChunkedBodyDecoder()
     raw = opening
     while True:
@@ -1085,7 +1084,7 @@ async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
                 drained += len(chunk)
                 if drained > MAX_ERROR_BODY_BYTES:
                     return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, UpstreamProtocolError):  # broken framing: connection dropped
             return
 
 

@@ -1035,6 +1035,15 @@ async def test_broken_chunked_framing_mid_stream_fails_the_stream(
     assert text_of(seen) == "Hel"
 
 
+async def test_broken_framing_after_the_terminal_event_leaves_the_answer_complete(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    head = RAW_SSE + b"transfer-encoding: chunked\r\n\r\n"
+    fake.enqueue(RawReply(head + _chunked(SSE_BODY) + b"zz\r\n"))
+    events = await collect(client)
+    assert text_of(events) == "Hello" and isinstance(events[-1], Completed)
+
+
 async def test_a_burst_read_waiting_for_the_next_pass_keeps_its_data_when_cancelled(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
