@@ -313,6 +313,11 @@ class DropGate:
     for about a second. A stream that finds its client gone passes this gate before
     it tells trio-websocket: at most ``per_pass`` go on per pass of the event loop,
     the rest wait in arrival order, and `run` lets them on pass by pass.
+
+    While streams wait here the cyclic garbage collector is paused: collections of
+    the young generations over a storm's fresh objects took 20-29 ms each, and the
+    teardowns free their objects by reference counting (turns leave no cyclic
+    garbage; a test checks it). It resumes when the last one has gone on.
     """
 
     def __init__(self, per_pass: int) -> None:
@@ -320,11 +325,15 @@ class DropGate:
         self._free = per_pass  # may go on without waiting
         self._waiting = trio.lowlevel.ParkingLot()
         self._wake_pacer = trio.Event()
+        self._paused_gc = False
 
     async def pass_through(self) -> None:
         if self._free > 0 and not self._waiting:
             self._free -= 1
             return
+        if not self._paused_gc and gc.isenabled():
+            gc.disable()
+            self._paused_gc = True
         self._wake_pacer.set()
         await self._waiting.park()
 
@@ -333,9 +342,14 @@ class DropGate:
         while True:
             await self._wake_pacer.wait()
             self._wake_pacer = trio.Event()
-            while self._waiting:
-                self._waiting.unpark(count=self._per_pass)
-                await trio.lowlevel.checkpoint()  # they run in the next pass, then we do
+            try:
+                while self._waiting:
+                    self._waiting.unpark(count=self._per_pass)
+                    await trio.lowlevel.checkpoint()  # they run in the next pass, then we do
+            finally:
+                if self._paused_gc:
+                    gc.enable()
+                    self._paused_gc = False
             self._free = self._per_pass
 
 

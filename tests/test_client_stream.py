@@ -8,6 +8,7 @@ in order.
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -190,11 +191,13 @@ async def test_the_drop_gate_lets_streams_through_a_few_per_loop_pass_in_arrival
     counter = _PassCounter()
     arrived: list[int] = []
     through_in_pass: dict[int, int] = {}
+    gc_on_when_through: list[bool] = []
 
     async def drop(n: int) -> None:
         arrived.append(n)
         await gate.pass_through()
         through_in_pass[n] = counter.passes
+        gc_on_when_through.append(gc.isenabled())
 
     trio.lowlevel.add_instrument(counter)
     try:
@@ -209,6 +212,10 @@ async def test_the_drop_gate_lets_streams_through_a_few_per_loop_pass_in_arrival
     assert max(per_pass) <= 3 and len(per_pass) >= 4
     passes_in_arrival_order = [through_in_pass[n] for n in arrived]
     assert passes_in_arrival_order == sorted(passes_in_arrival_order)
+    # The cyclic collector paused while streams waited, and runs again after.
+    assert not all(gc_on_when_through)
+    await trio.testing.wait_all_tasks_blocked()
+    assert gc.isenabled()
     # The storm is over: the next stream goes through at once, without a pass.
     before = counter.passes
     trio.lowlevel.add_instrument(counter)
