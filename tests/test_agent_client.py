@@ -16,9 +16,12 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import suppress
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 import httpcore
@@ -1042,6 +1045,55 @@ async def test_broken_framing_after_the_terminal_event_leaves_the_answer_complet
     fake.enqueue(RawReply(head + _chunked(SSE_BODY) + b"zz\r\n"))
     events = await collect(client)
     assert text_of(events) == "Hello" and isinstance(events[-1], Completed)
+
+
+async def _forwarding_proxy(client: trio.SocketStream, targets: list[str]) -> None:
+    """A plain-HTTP forward proxy for one request: origin-form to the target, then
+    bytes both ways until the target closes."""
+    head = b""
+    while b"\r\n" not in head:
+        chunk = await client.receive_some(65536)
+        if not chunk:
+            return
+        head += chunk
+    line, rest = head.split(b"\r\n", 1)
+    method, target, version = line.split(b" ")
+    url = urlsplit(target.decode())
+    targets.append(target.decode())
+    assert url.hostname is not None and url.port is not None
+    upstream = await trio.open_tcp_stream(url.hostname, url.port)
+
+    async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+
+    async with upstream, trio.open_nursery() as both_ways:
+        await upstream.send_all(b" ".join([method, url.path.encode(), version]) + b"\r\n" + rest)
+        both_ways.start_soon(pipe, client, upstream)
+        await pipe(upstream, client)
+        both_ways.cancel_scope.cancel()
+
+
+async def test_a_proxy_set_in_the_environment_still_carries_the_requests(
+    fake: FakeUpstream, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Our transport is mounted for all:// so that httpx's proxy mounts win over it;
+    # a proxied connection is not ours, and its body is read through httpx.
+    targets: list[str] = []
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, partial(_forwarding_proxy, targets=targets), 0, host="127.0.0.1")
+    )
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    fake.enqueue(TextReply(["through ", "the proxy"]))
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m")
+    try:
+        assert text_of(await collect(agent)) == "through the proxy"
+    finally:
+        await agent.aclose()
+    assert targets == [f"{fake.base_url}/responses"]
 
 
 async def test_a_burst_read_waiting_for_the_next_pass_keeps_its_data_when_cancelled(
