@@ -95,6 +95,7 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
     ("relay_cpu_s_per_1000_deltas", "server CPU per 1,000 deltas (paced)", "s", 0.15),
     ("relay_deltas_per_s", "deltas relayed per second (paced)", "/s", None),
     ("fake_cpu_s_per_1000_deltas", "fake upstream CPU per 1,000 deltas (reference)", "s", None),
+    ("relay_cpu_to_fake", "server CPU / fake CPU (compare this across runs)", "x", None),
     ("latency_p50_ms", "added latency p50 (paced load)", "ms", None),
     ("latency_p99_ms", "added latency p99 (paced load)", "ms", 10.0),
     ("unpaced_deltas_per_s", "max deltas relayed per second (unpaced)", "/s", None),
@@ -456,6 +457,11 @@ class Run:
         # that per delta (a timer, one send), so the server cannot cost much less.
         self.figures["fake_cpu_s_per_1000_deltas"] = (
             (sampled["fake1"] - sampled["fake0"]) / relayed * 1000 if relayed else math.nan
+        )
+        # The machine's speed drifts; this ratio does not (bench/README.md).
+        self.figures["relay_cpu_to_fake"] = (
+            self.figures["relay_cpu_s_per_1000_deltas"] / self.figures["fake_cpu_s_per_1000_deltas"]
+            if self.figures["fake_cpu_s_per_1000_deltas"] else math.nan
         )
         spent = sampled["cpu1"] - sampled["cpu0"]
         self.figures["relay_cpu_system_share"] = (
