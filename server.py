@@ -31,11 +31,14 @@ and `_close_websocket`.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
+import logging.handlers
 import math
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -114,6 +117,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 # The young and middle generations keep CPython's sizes: their pauses stay short.
 # Chosen by measured loop stalls (bench/README.md).
 GC_FULL_THRESHOLD = 1_000
+# Log records waiting for the log writer thread; past this they are dropped and counted.
+LOG_QUEUE_RECORDS = 10_000
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 # Connections whose client is gone that are torn down per pass of the event loop when
@@ -2105,19 +2110,99 @@ class JsonLogFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update((k, v) for k, v in vars(record).items() if k not in self._STANDARD)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
 
 
+class NonBlockingLogHandler(logging.handlers.QueueHandler):
+    """Hands each record to a writer thread without waiting, so that a slow stderr (a
+    disk journal commit, a busy journald socket) never stalls the event loop.
+
+    The message and any traceback are rendered here, while the record's arguments
+    are still current; the writer thread formats the line and writes it to `target`.
+    Bounded: past `max_records` waiting, records are dropped and counted, and the
+    writer says how many before its next line. `close` (run by logging at exit)
+    writes what is queued and stops the thread.
+    """
+
+    def __init__(self, target: logging.Handler, max_records: int = LOG_QUEUE_RECORDS) -> None:
+        self.records: queue.Queue[logging.LogRecord | None] = queue.Queue(max_records)
+        super().__init__(self.records)
+        self.dropped = 0  # only ever grows; the writer reports the growth
+        self._writer = _LogWriter(self, target)
+        self._writer.start()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        prepared = copy.copy(record)
+        prepared.msg, prepared.args = record.getMessage(), None
+        if record.exc_info:
+            prepared.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            prepared.exc_info = None
+        return prepared
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._writer.stop()
+        super().close()
+
+
+class _LogWriter(logging.handlers.QueueListener):
+    """The thread of a NonBlockingLogHandler: writes its records, and its drops."""
+
+    def __init__(self, source: NonBlockingLogHandler, target: logging.Handler) -> None:
+        super().__init__(source.queue, target)
+        self._records = source.records
+        self._source = source
+        self._target = target
+        self._reported = 0
+
+    def handle(self, record: logging.LogRecord) -> None:
+        dropped = self._source.dropped - self._reported
+        if dropped:
+            self._reported += dropped
+            message = f"{dropped} log records dropped: stderr was not keeping up"
+            self._target.handle(
+                logging.makeLogRecord(
+                    {
+                        "name": log.name,
+                        "levelno": logging.WARNING,
+                        "levelname": "WARNING",
+                        "msg": message,
+                    }
+                )
+            )
+        super().handle(record)
+
+    def enqueue_sentinel(self) -> None:
+        # QueueListener's end mark (None), put when there is room, not dropped: at exit
+        # every record is written.
+        self._records.put(None)
+
+    def stop(self) -> None:
+        if self._thread is not None:  # stop twice (close, then logging's exit) is fine
+            super().stop()
+
+
+_TRACEBACKS = logging.Formatter()
+
+
 def configure_logging(level: str, log_format: str) -> None:
-    """Human-readable lines by default, JSON lines with `--log-format json`, to stderr."""
-    handler = logging.StreamHandler()
+    """Human-readable lines by default, JSON lines with `--log-format json`, to stderr,
+    written by a thread of their own (NonBlockingLogHandler)."""
+    stderr = logging.StreamHandler()
     if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
+        stderr.setFormatter(JsonLogFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+        stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[NonBlockingLogHandler(stderr)], force=True)
     # Library loggers can print request lines (with tokens in URLs) at debug level.
     for noisy in ("trio-websocket", "httpx", "httpcore", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

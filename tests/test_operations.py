@@ -19,8 +19,10 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,8 @@ from server import (
     ChatServer,
     Config,
     ConfigError,
+    JsonLogFormatter,
+    NonBlockingLogHandler,
     _build_parser,
     config_from_settings,
     main,
@@ -582,6 +586,74 @@ async def test_process_log_is_human_readable_by_default_and_json_lines_on_reques
             assert TEXT_LINE_RE.match(line), line
             assert not line.startswith("{")
     assert USER_CONTENT not in proc.stderr_text and API_KEY not in proc.stderr_text
+
+
+class _StuckStream(StringIO):
+    """A stream whose writes wait until released, like a stderr nobody reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        assert self.release.wait(CLIENT_WAIT_S), "never released"
+        return super().write(text)
+
+
+def _logger_to(handler: logging.Handler, name: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger
+
+
+def test_a_stuck_stderr_blocks_no_log_call_and_drops_past_the_bound_are_reported() -> None:
+    stream = _StuckStream()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler = NonBlockingLogHandler(target, max_records=3)
+    logger = _logger_to(handler, "test.stuck_stderr")
+    try:
+        logger.info("line %d", 0)
+        assert stream.writing.wait(CLIENT_WAIT_S)  # the writer thread is stuck on it
+        arguments = [1]
+        for n in range(1, 6):  # three wait, two are dropped; none of these calls waits
+            logger.info("line %d %s", n, arguments)
+        arguments.append(2)  # too late: messages are rendered when logged
+        assert stream.getvalue() == ""
+    finally:
+        stream.release.set()
+        handler.close()  # writes what is queued
+        logger.removeHandler(handler)
+    assert stream.getvalue().splitlines() == [
+        "INFO line 0",
+        "WARNING 2 log records dropped: stderr was not keeping up",
+        "INFO line 1 [1]",
+        "INFO line 2 [1]",
+        "INFO line 3 [1]",
+    ]
+
+
+def test_a_traceback_logged_through_the_writer_thread_stays_a_json_field() -> None:
+    stream = StringIO()
+    target = logging.StreamHandler(stream)
+    target.setFormatter(JsonLogFormatter())
+    handler = NonBlockingLogHandler(target)
+    logger = _logger_to(handler, "test.json_traceback")
+    try:
+        try:
+            1 / 0  # noqa: B018
+        except ZeroDivisionError:
+            logger.exception("it failed", extra={"turn_id": "t1"})
+    finally:
+        handler.close()
+        logger.removeHandler(handler)
+    entry = json.loads(stream.getvalue())
+    assert entry["message"] == "it failed" and entry["turn_id"] == "t1"
+    assert "ZeroDivisionError" in entry["exception"]
 
 
 # =========================================================================== backup
