@@ -49,6 +49,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -119,6 +120,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 GC_FULL_THRESHOLD = 1_000
 # Log records waiting for the log writer thread; past this they are dropped and counted.
 LOG_QUEUE_RECORDS = 10_000
+# At exit, queued records are written for this long at most.
+LOG_DRAIN_TIMEOUT_S = 5.0
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 # Connections whose client is gone that are torn down per pass of the event loop when
@@ -2125,7 +2128,7 @@ class NonBlockingLogHandler(logging.handlers.QueueHandler):
     are still current; the writer thread formats the line and writes it to `target`.
     Bounded: past `max_records` waiting, records are dropped and counted, and the
     writer says how many before its next line. `close` (run by logging at exit)
-    writes what is queued and stops the thread.
+    writes what is queued, for LOG_DRAIN_TIMEOUT_S at most, and stops the thread.
     """
 
     def __init__(self, target: logging.Handler, max_records: int = LOG_QUEUE_RECORDS) -> None:
@@ -2181,14 +2184,15 @@ class _LogWriter(logging.handlers.QueueListener):
             )
         super().handle(record)
 
-    def enqueue_sentinel(self) -> None:
-        # QueueListener's end mark (None), put when there is room, not dropped: at exit
-        # every record is written.
-        self._records.put(None)
-
     def stop(self) -> None:
-        if self._thread is not None:  # stop twice (close, then logging's exit) is fine
-            super().stop()
+        """Write what is queued, waiting at most LOG_DRAIN_TIMEOUT_S: a stderr that never
+        drains cannot hold the process at exit. Stopping twice is fine."""
+        if self._thread is None:
+            return
+        with suppress(queue.Full):
+            self._records.put(None, timeout=LOG_DRAIN_TIMEOUT_S)  # QueueListener's end mark
+        self._thread.join(LOG_DRAIN_TIMEOUT_S)
+        self._thread = None
 
 
 _TRACEBACKS = logging.Formatter()

@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from io import StringIO
@@ -34,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_process import PROJECT_DIR, SERVER_PY, base_env, server_process
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+import server as server_module
 from conftest import (
     API_KEY,
     CLIENT_WAIT_S,
@@ -635,6 +637,26 @@ def test_a_stuck_stderr_blocks_no_log_call_and_drops_past_the_bound_are_reported
         "INFO line 2 [1]",
         "INFO line 3 [1]",
     ]
+
+
+def test_a_stderr_that_never_drains_holds_the_exit_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "LOG_DRAIN_TIMEOUT_S", 0.2)
+    stream = _StuckStream()
+    handler = NonBlockingLogHandler(logging.StreamHandler(stream), max_records=1)
+    logger = _logger_to(handler, "test.never_drains")
+    try:
+        logger.info("stuck")
+        assert stream.writing.wait(CLIENT_WAIT_S)
+        logger.info("queued")  # the queue is full: the end mark finds no room either
+        started = time.monotonic()
+        handler.close()
+        assert time.monotonic() - started < 2.0  # two waits of 0.2 s, not forever
+    finally:
+        stream.release.set()
+        handler.records.put(None)  # the writer thread, released, ends too
+        logger.removeHandler(handler)
 
 
 def test_a_traceback_logged_through_the_writer_thread_stays_a_json_field() -> None:
