@@ -2161,7 +2161,7 @@ class _LogWriter(logging.handlers.QueueListener):
     """The thread of a NonBlockingLogHandler: writes its records, and its drops."""
 
     def __init__(self, source: NonBlockingLogHandler, target: logging.Handler) -> None:
-        super().__init__(source.queue, target)
+        super().__init__(source.records, target)
         self._records = source.records
         self._source = source
         self._target = target
