@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import gc
 import json
 import logging
@@ -39,6 +40,7 @@ import logging.handlers
 import math
 import os
 import queue
+import resource
 import secrets
 import signal
 import socket
@@ -2095,6 +2097,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.uses_demo_model:
         log.warning("no OPENAI_API_KEY and no --upstream-url: serving the OFFLINE DEMO MODEL")
     _tune_garbage_collector()  # before the loop runs: its one full collection stalls no one
+    _reserve_descriptor_table(config.max_connections)
     trio.run(partial(_serve_from_command_line, config))
     log.info("stopped")
     return 0
@@ -2229,6 +2232,27 @@ def _tune_garbage_collector() -> None:
     gc.freeze()
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, GC_FULL_THRESHOLD)
+
+
+def _reserve_descriptor_table(max_connections: int) -> None:
+    """Grow the process's file-descriptor table now to what max_connections needs (a
+    client socket and an upstream one each). The kernel grows it by doubling as
+    descriptors are opened, and in a process with threads (the store's worker, the log
+    writer) every doubling waits for an RCU grace period inside that accept(): stalls
+    of the event loop of up to tens of milliseconds while clients connect
+    (bench/README.md). The table never shrinks; it takes about 8 bytes of kernel memory
+    per descriptor (256 KB for 10,000 connections). Best effort: a failure changes
+    nothing but the stalls."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_connections + 1024
+    highest = wanted if soft == resource.RLIM_INFINITY else min(wanted, soft)
+    try:
+        with open(os.devnull, "rb") as devnull:
+            # F_DUPFD takes the lowest free descriptor at or above the one asked:
+            # nothing open is touched, and the table now reaches that far.
+            os.close(fcntl.fcntl(devnull.fileno(), fcntl.F_DUPFD, highest - 1))
+    except OSError as exc:
+        log.warning("could not reserve %d file descriptors up front: %s", highest, exc)
 
 
 def _print_dev_token(config: Config) -> None:

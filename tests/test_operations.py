@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import sqlite3
@@ -676,6 +677,25 @@ def test_a_traceback_logged_through_the_writer_thread_stays_a_json_field() -> No
     entry = json.loads(stream.getvalue())
     assert entry["message"] == "it failed" and entry["turn_id"] == "t1"
     assert "ZeroDivisionError" in entry["exception"]
+
+
+def _fd_table_size() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"^FDSize:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+
+
+def test_the_descriptor_table_is_grown_up_front_to_what_max_connections_needs() -> None:
+    # Grown later, while threads run, each doubling waits for an RCU grace period
+    # inside accept(); the table never shrinks, so one early growth is enough.
+    max_connections = _fd_table_size()  # the table is smaller than it will need
+    wanted = 2 * max_connections + 1024
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        pytest.skip(f"RLIMIT_NOFILE {soft} is below {wanted}")
+    open_before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    server_module._reserve_descriptor_table(max_connections)
+    assert _fd_table_size() >= wanted
+    assert sorted(int(fd) for fd in os.listdir("/proc/self/fd")) == open_before
 
 
 # =========================================================================== backup
