@@ -989,10 +989,10 @@ def _body_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
     connection is read by `_tapped_body`, anything else through httpx."""
     stream = response.extensions.get("network_stream")
     if isinstance(stream, _LeanReadStream):
-        opening = stream.take_body()
+        opening = stream.take_body()  # ends head mode, whoever reads the body
         if _is_plain_chunked(response):
             return _tapped_body(response, stream, opening)
-        stream.give_back(opening)
+        stream.give_back(opening)  # httpx reads it, from the first byte past the head
     # aiter_bytes() is an async generator (typed as a plain iterator); the caller
     # closes it, so nothing is left for the garbage collector.
     return cast(AsyncGenerator[bytes, None], response.aiter_bytes())

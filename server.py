@@ -2165,7 +2165,6 @@ class _LogWriter(logging.handlers.QueueListener):
 
     def __init__(self, source: NonBlockingLogHandler, target: logging.Handler) -> None:
         super().__init__(source.records, target)
-        self._records = source.records
         self._source = source
         self._target = target
         self._reported = 0
@@ -2193,7 +2192,7 @@ class _LogWriter(logging.handlers.QueueListener):
         if self._thread is None:
             return
         with suppress(queue.Full):
-            self._records.put(None, timeout=LOG_DRAIN_TIMEOUT_S)  # QueueListener's end mark
+            self._source.records.put(None, timeout=LOG_DRAIN_TIMEOUT_S)  # QueueListener's end mark
         self._thread.join(LOG_DRAIN_TIMEOUT_S)
         self._thread = None
 
