@@ -34,6 +34,7 @@ import argparse
 import copy
 import fcntl
 import gc
+import itertools
 import json
 import logging
 import logging.handlers
@@ -42,6 +43,7 @@ import os
 import queue
 import resource
 import secrets
+import select
 import signal
 import socket
 import sqlite3
@@ -71,6 +73,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sortedcontainers import SortedList
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 from wsproto.utilities import LocalProtocolError as WsprotoLocalProtocolError
 
@@ -127,8 +130,12 @@ LOG_DRAIN_TIMEOUT_S = 5.0
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 # Connections whose client is gone that are torn down per pass of the event loop when
-# many drop at once (`DropGate`): a teardown costs ~90 µs here, so about 5 ms a pass.
-DROPS_PER_PASS = 50
+# many drop at once (`DropGate`): a teardown takes ~0.4 ms of loop time here, so 16
+# make 6-8 ms a pass (10,000 drops: about 650 passes, 6 s).
+DROPS_PER_PASS = 16
+# Ready sockets one I/O poll reports to the event loop (`cap_io_events_per_pass`): a
+# woken task costs 15-50 µs here, so a pass stays within a few milliseconds.
+IO_EVENTS_PER_PASS = 128
 
 
 # =========================================================================== configuration
@@ -318,11 +325,13 @@ class DropGate:
     """Spreads the teardown of many connections whose clients dropped at once.
 
     When thousands of clients vanish together (a network blip, a proxy restart),
-    epoll reports every end of stream in one batch and trio runs every woken task in
-    one pass: at ~90 µs of teardown each, 10,000 drops would stop every other session
-    for about a second. A stream that finds its client gone passes this gate before
-    it tells trio-websocket: at most ``per_pass`` go on per pass of the event loop,
-    the rest wait in arrival order, and `run` lets them on pass by pass.
+    trio runs every task an I/O poll woke in one pass of its loop. A teardown takes
+    about 0.4 ms of loop time (the handler, trio-websocket's reader, the receiver and
+    the heartbeat each take steps), and one poll reported up to 2,000 ends of stream:
+    close to a second in which no other session moved. A stream that finds its client
+    gone passes this gate before it tells trio-websocket: at most ``per_pass`` go on
+    per pass of the event loop, the rest wait in arrival order, and `run` lets them
+    on pass by pass. (`cap_io_events_per_pass` bounds the wake-ups themselves.)
 
     While streams wait here the cyclic garbage collector is paused: collections of
     the young generations over a storm's fresh objects took 20-29 ms each, and the
@@ -361,6 +370,109 @@ class DropGate:
                     gc.enable()
                     self._paused_gc = False
             self._free = self._per_pass
+
+
+class ConnectionTimers:
+    """The long waits of every connection (the next heartbeat, a token's expiry) on
+    one trio deadline for the whole server.
+
+    trio keeps each cancel scope's deadline in one heap and, once stale entries (of
+    scopes that ended early) outnumber the live ones, rebuilds the heap in one go,
+    inside a pass of the event loop. With a deadline per idle connection that rebuild
+    took 15 ms at 10,000 connections, and it comes around whenever many connections
+    end or begin. Here the waits sit in a sorted list instead (insert and removal
+    O(log n), nothing is ever rebuilt), and one task, `run`, sleeps until the earliest
+    and wakes whoever is due.
+    """
+
+    def __init__(self) -> None:
+        self._due = SortedList()  # (when, sequence number, task): no two compare equal
+        self._sequence = itertools.count()
+        self._alarm: trio.CancelScope | None = None  # run's wait, while it waits
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    async def sleep_until(self, when: float) -> None:
+        """Like `trio.sleep_until` (cancellable, on trio's clock), without a trio
+        deadline of its own."""
+        entry = (when, next(self._sequence), trio.lowlevel.current_task())
+        self._due.add(entry)
+        if self._alarm is not None and when < self._alarm.deadline:
+            self._alarm.deadline = when
+
+        def abort(_: Callable[[], BaseException]) -> trio.lowlevel.Abort:
+            self._due.remove(entry)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def run(self) -> None:
+        """The one task that sleeps for everyone, for the server's lifetime."""
+        while True:
+            now = trio.current_time()
+            while self._due and self._due[0][0] <= now:
+                trio.lowlevel.reschedule(self._due.pop(0)[2])
+            earliest = self._due[0][0] if self._due else math.inf
+            with trio.CancelScope(deadline=earliest) as self._alarm:
+                await trio.sleep_forever()
+            self._alarm = None
+
+
+class _CappedEpoll:
+    """trio's epoll object, except that one poll returns at most `limit` events."""
+
+    def __init__(self, epoll: select.epoll, limit: int) -> None:
+        self.inner = epoll
+        self._limit = limit
+
+    def poll(self, timeout: float | None = None, maxevents: int = -1) -> list[tuple[int, int]]:
+        wanted = self._limit if maxevents <= 0 else min(maxevents, self._limit)
+        return self.inner.poll(timeout, wanted)
+
+    def register(self, fd: int, eventmask: int) -> None:
+        self.inner.register(fd, eventmask)
+
+    def modify(self, fd: int, eventmask: int) -> None:
+        self.inner.modify(fd, eventmask)
+
+    def unregister(self, fd: int) -> None:
+        self.inner.unregister(fd)
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def cap_io_events_per_pass(limit: int) -> bool:
+    """Make each I/O poll of the running trio loop report at most `limit` ready
+    sockets. True if the cap is in place (now or already).
+
+    trio wakes every task whose socket a poll reports and runs them all in the same
+    pass of its loop, before it looks at timers or I/O again. When 10,000 clients
+    drop at once a single poll reported up to 2,000 ends of stream: 35 ms in which
+    no other session moved. epoll leaves the sockets it did not report ready (in
+    order: it hands out its ready list from the front), so the rest wake in the next
+    passes, each of which also serves everyone else.
+
+    trio offers no setting for this: its epoll object is replaced by one that asks
+    for fewer events. That object is private to trio, so the shape is checked first;
+    on other platforms (kqueue) or another trio layout the loop runs uncapped, and
+    tests/test_loop_passes.py fails on the pinned trio if the cap stops taking hold.
+    """
+    try:
+        io_manager = trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager
+        epoll = io_manager._epoll
+    except AttributeError:
+        return False
+    if isinstance(epoll, _CappedEpoll):
+        return True
+    if not isinstance(epoll, select.epoll):
+        return False
+    io_manager._epoll = _CappedEpoll(epoll, limit)  # type: ignore[assignment]  # duck-typed
+    return True
 
 
 class ClientStream(trio.abc.Stream):
@@ -901,7 +1013,7 @@ class ChatConnection:
         if self.token_expiry is not None:
             expires_at = trio.current_time() + (self.token_expiry - time.time())
         while True:
-            await trio.sleep_until(
+            await self.server.timers.sleep_until(
                 min(trio.current_time() + self.config.heartbeat_interval_s, expires_at)
             )
             answered = trio.current_time() < expires_at and await self._ping_and_wait(
@@ -1420,6 +1532,7 @@ class ChatServer:
         }
         self._sessions: dict[str, ChatConnection] = {}
         self._drops = DropGate(DROPS_PER_PASS)
+        self.timers = ConnectionTimers()
         self._connections_by_user: dict[str, int] = {}
         self._connection_count = 0
         self._shutdown = trio.Event()
@@ -1434,6 +1547,8 @@ class ChatServer:
         self._shutdown.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        if not cap_io_events_per_pass(IO_EVENTS_PER_PASS):
+            log.info("I/O events per loop pass are not capped on this platform")
         listeners: list[trio.abc.Listener[Any]] = list(
             await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         )
@@ -1446,7 +1561,9 @@ class ChatServer:
             ]
         scheme = "https" if self.config.tls_cert else "http"
         async with trio.open_nursery() as handlers:
-            handlers.start_soon(self._drops.run)  # cancelled with the handlers, by _drain
+            # Both run until _drain cancels the handlers.
+            handlers.start_soon(self._drops.run)
+            handlers.start_soon(self.timers.run)
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(
                     partial(
