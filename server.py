@@ -117,12 +117,16 @@ FINAL_WRITE_TIMEOUT_S = 5.0
 # Frames waiting for a slow client, in characters; past it the client is dropped (1008).
 MAX_OUTBOX_CHARS = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 8 * 1024
-# How many middle-generation collections before a full one (CPython's default: 10).
-# A full collection scans every object of every open connection, about 200 ms at
-# 10,000 connections, and stalls the event loop for that long: it is made rare.
-# The young and middle generations keep CPython's sizes: their pauses stay short.
-# Chosen by measured loop stalls (bench/README.md).
-GC_FULL_THRESHOLD = 1_000
+# The garbage collector's generation thresholds (CPython's: 700, 10, 10). A middle
+# collection scans what survived the young ones since the last: while thousands of
+# clients connect that is mostly new connections' state, and at CPython's sizes it took
+# 3-14 ms; at half the young size and half the count, 1-3 ms. A full collection scans
+# every object of every open connection, about 200 ms at 10,000 connections, and
+# stalls the event loop for that long: it is made rare. Chosen by measured loop
+# stalls (bench/README.md).
+GC_YOUNG_THRESHOLD = 350
+GC_MIDDLE_THRESHOLD = 5
+GC_FULL_THRESHOLD = 4_000
 # Log records waiting for the log writer thread; past this they are dropped and counted.
 LOG_QUEUE_RECORDS = 10_000
 # At exit, queued records are written for this long at most.
@@ -130,12 +134,14 @@ LOG_DRAIN_TIMEOUT_S = 5.0
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 # Connections whose client is gone that are torn down per pass of the event loop when
-# many drop at once (`DropGate`): a teardown takes ~0.4 ms of loop time here, so 16
-# make 6-8 ms a pass (10,000 drops: about 650 passes, 6 s).
-DROPS_PER_PASS = 16
+# many drop at once (`DropGate`): a teardown takes ~0.4 ms of loop time here, so 8
+# make 3-5 ms a pass (10,000 drops: about 1,250 passes, 7 s).
+DROPS_PER_PASS = 8
 # Ready sockets one I/O poll reports to the event loop (`cap_io_events_per_pass`): a
-# woken task costs 15-50 µs here, so a pass stays within a few milliseconds.
-IO_EVENTS_PER_PASS = 128
+# woken task costs 15 µs (an end of stream) to 300 µs (a handshake step) here, so a
+# pass stays within a few milliseconds; 128 let 10,000 connecting clients make passes
+# of 14-25 ms of CPU, 32 of 7-13 ms.
+IO_EVENTS_PER_PASS = 32
 
 
 # =========================================================================== configuration
@@ -2342,12 +2348,11 @@ async def _serve_from_command_line(config: Config) -> None:
 
 def _tune_garbage_collector() -> None:
     """Everything alive once the server is configured (modules, pydantic schemas)
-    lives as long as the process: freeze it out of the collector's scans, and make
-    full collections rare (GC_FULL_THRESHOLD)."""
+    lives as long as the process: freeze it out of the collector's scans, keep the
+    middle generation small and make full collections rare (the GC_* thresholds)."""
     gc.collect()
     gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, GC_FULL_THRESHOLD)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, GC_FULL_THRESHOLD)
 
 
 def _reserve_descriptor_table(max_connections: int) -> None:
