@@ -134,9 +134,12 @@ LOG_DRAIN_TIMEOUT_S = 5.0
 # trio-websocket's own queue of received messages; backpressure beyond it.
 WS_MESSAGE_QUEUE_SIZE = 16
 # Connections whose client is gone that are torn down per pass of the event loop when
-# many drop at once (`DropGate`): a teardown takes ~0.4 ms of loop time here, so 8
+# many drop at once (`PassGate`): a teardown takes ~0.4 ms of loop time here, so 8
 # make 3-5 ms a pass (10,000 drops: about 1,250 passes, 7 s).
 DROPS_PER_PASS = 8
+# WebSockets admitted (token checked, session claimed) per pass of the event loop when
+# many connect at once (`PassGate`): ~0.4 ms each here, so 12 make about 5 ms a pass.
+ADMISSIONS_PER_PASS = 12
 # Ready sockets one I/O poll reports to the event loop (`cap_io_events_per_pass`): a
 # woken task costs 15 µs (an end of stream) to 300 µs (a handshake step) here, so a
 # pass stays within a few milliseconds; 128 let 10,000 connecting clients make passes
@@ -327,43 +330,53 @@ class RequestHead:
         return self.headers.get("upgrade", "").lower() == "websocket"
 
 
-class DropGate:
-    """Spreads the teardown of many connections whose clients dropped at once.
+class PassGate:
+    """Lets at most ``per_pass`` tasks per pass of the event loop through to costly
+    work when many arrive at once; the rest wait in arrival order, and `run` (one
+    task for the server's lifetime) lets them on pass by pass.
 
-    When thousands of clients vanish together (a network blip, a proxy restart),
-    trio runs every task an I/O poll woke in one pass of its loop. A teardown takes
-    about 0.4 ms of loop time (the handler, trio-websocket's reader, the receiver and
-    the heartbeat each take steps), and one poll reported up to 2,000 ends of stream:
-    close to a second in which no other session moved. A stream that finds its client
-    gone passes this gate before it tells trio-websocket: at most ``per_pass`` go on
-    per pass of the event loop, the rest wait in arrival order, and `run` lets them
-    on pass by pass. (`cap_io_events_per_pass` bounds the wake-ups themselves.)
+    trio runs every task that became ready in one pass of its loop before it looks at
+    timers or I/O again, and thousands of connections can become ready together:
 
-    While streams wait here the cyclic garbage collector is paused: collections of
-    the young generations over a storm's fresh objects took 20-29 ms each, and the
-    teardowns free their objects by reference counting (turns leave no cyclic
-    garbage; a test checks it). It resumes when the last one has gone on.
+    - **Drops** (`ClientStream` passes the gate when it finds its client gone, before
+      it tells trio-websocket). When clients vanish together (a network blip, a proxy
+      restart), a teardown takes about 0.4 ms of loop time (the handler,
+      trio-websocket's reader, the receiver and the heartbeat each take steps), and
+      one poll reported up to 2,000 ends of stream: close to a second in which no other
+      session moved.
+    - **Admissions** (after the WebSocket handshake, before the token is checked and
+      the session claimed). When thousands of clients connect together (after a
+      restart), each admission step takes about 0.4 ms, and 30 or more became ready
+      in the same pass.
+
+    With ``pause_gc`` the cyclic garbage collector is paused while tasks wait: during
+    a drop storm collections of the young generations over the storm's fresh objects
+    took 20-29 ms each, and teardowns free their objects by reference counting (turns
+    leave no cyclic garbage; a test checks it). It resumes when the last one has gone
+    on. (Admissions create long-lived objects, which a paused collector would have to
+    scan all at once when it resumes: not for them.)
     """
 
-    def __init__(self, per_pass: int) -> None:
+    def __init__(self, per_pass: int, *, pause_gc: bool) -> None:
         self._per_pass = per_pass
         self._free = per_pass  # may go on without waiting
         self._waiting = trio.lowlevel.ParkingLot()
         self._wake_pacer = trio.Event()
+        self._pause_gc = pause_gc
         self._paused_gc = False
 
     async def pass_through(self) -> None:
         if self._free > 0 and not self._waiting:
             self._free -= 1
             return
-        if not self._paused_gc and gc.isenabled():
+        if self._pause_gc and not self._paused_gc and gc.isenabled():
             gc.disable()
             self._paused_gc = True
         self._wake_pacer.set()
         await self._waiting.park()
 
     async def run(self) -> None:
-        """The pacer, for the server's lifetime: per_pass waiting streams each pass."""
+        """The pacer, for the server's lifetime: per_pass waiting tasks each pass."""
         while True:
             await self._wake_pacer.wait()
             self._wake_pacer = trio.Event()
@@ -496,10 +509,10 @@ class ClientStream(trio.abc.Stream):
     cut by another. One task at a time waits to write; others queue behind it.
     On TLS (no socket to write to directly) every write is the TLS stream's.
 
-    The end of the stream, or a broken one, passes `drops` (a DropGate) first.
+    The end of the stream, or a broken one, passes `drops` (a PassGate) first.
     """
 
-    def __init__(self, inner: trio.abc.Stream, already_read: bytes, drops: DropGate) -> None:
+    def __init__(self, inner: trio.abc.Stream, already_read: bytes, drops: PassGate) -> None:
         self._inner = inner
         self._replay = already_read
         self._drops = drops
@@ -1537,7 +1550,8 @@ class ChatServer:
             **web_page_routes(),
         }
         self._sessions: dict[str, ChatConnection] = {}
-        self._drops = DropGate(DROPS_PER_PASS)
+        self._drops = PassGate(DROPS_PER_PASS, pause_gc=True)
+        self._admissions = PassGate(ADMISSIONS_PER_PASS, pause_gc=False)
         self.timers = ConnectionTimers()
         self._connections_by_user: dict[str, int] = {}
         self._connection_count = 0
@@ -1567,8 +1581,9 @@ class ChatServer:
             ]
         scheme = "https" if self.config.tls_cert else "http"
         async with trio.open_nursery() as handlers:
-            # Both run until _drain cancels the handlers.
+            # These run until _drain cancels the handlers.
             handlers.start_soon(self._drops.run)
+            handlers.start_soon(self._admissions.run)
             handlers.start_soon(self.timers.run)
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(
@@ -1650,6 +1665,7 @@ class ChatServer:
                     ws = await request.accept()
                     self.metrics.connections_opened.inc()
                 if ws is not None:
+                    await self._admissions.pass_through()
                     await self._run_session(ws, client_stream, head, session_id)
                 ws_tasks.cancel_scope.cancel()
         except* WsprotoLocalProtocolError as errors:

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from conftest import CLIENT_WAIT_S
-from server import ClientStream, DropGate
+from server import ClientStream, PassGate
 
 FRAME_BYTES = 1500  # more than the kernel takes whole once its buffers are nearly full
 MAX_FRAMES = 20_000  # bounds every fill loop
@@ -45,7 +45,7 @@ async def _pair() -> AsyncIterator[tuple[ClientStream, trio.SocketStream]]:
     await listener.aclose()
     server_side.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     client = trio.SocketStream(client_sock)
-    stream = ClientStream(server_side, b"", DropGate(1))
+    stream = ClientStream(server_side, b"", PassGate(1, pause_gc=True))
     try:
         yield stream, client
     finally:
@@ -164,7 +164,7 @@ async def test_broken_and_closed_streams_raise_trio_errors() -> None:
 async def test_streams_without_a_socket_write_through_their_own_send_all() -> None:
     # TLS streams have no socket to write to directly; a memory stream stands in.
     ours, theirs = trio.testing.memory_stream_pair()
-    stream = ClientStream(ours, b"replayed", DropGate(1))
+    stream = ClientStream(ours, b"replayed", PassGate(1, pause_gc=True))
     assert not stream.write_now(b"direct")
     await stream.send_all(b"queued")
     assert await theirs.receive_some() == b"queued"
@@ -186,7 +186,7 @@ class _PassCounter(trio.abc.Instrument):
 async def test_the_drop_gate_lets_streams_through_a_few_per_loop_pass_in_arrival_order(
     nursery: trio.Nursery,
 ) -> None:
-    gate = DropGate(3)
+    gate = PassGate(3, pause_gc=True)
     nursery.start_soon(gate.run)
     counter = _PassCounter()
     arrived: list[int] = []
@@ -224,3 +224,19 @@ async def test_the_drop_gate_lets_streams_through_a_few_per_loop_pass_in_arrival
     finally:
         trio.lowlevel.remove_instrument(counter)
     assert counter.passes == before
+
+
+async def test_a_gate_for_admissions_keeps_the_collector_running(nursery: trio.Nursery) -> None:
+    gate = PassGate(2, pause_gc=False)
+    nursery.start_soon(gate.run)
+    gc_on_when_through: list[bool] = []
+
+    async def admit() -> None:
+        await gate.pass_through()
+        gc_on_when_through.append(gc.isenabled())
+
+    with trio.fail_after(CLIENT_WAIT_S):
+        async with trio.open_nursery() as admissions:
+            for _ in range(9):
+                admissions.start_soon(admit)
+    assert gc_on_when_through == [True] * 9

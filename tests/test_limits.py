@@ -242,6 +242,25 @@ async def test_clients_that_drop_at_once_are_all_let_go_and_the_server_serves_on
         assert client.connected["user_id"] == "alice"  # type: ignore[attr-defined]
 
 
+async def test_clients_that_connect_at_once_are_all_admitted(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their admissions pass the gate two per loop pass; every one must get through.
+    monkeypatch.setattr(server_module, "ADMISSIONS_PER_PASS", 2)
+    server = await start_server()
+    admitted: list[str] = []
+
+    async def connect(n: int) -> None:
+        async with open_chat(server, f"c{n}", f"u{n}") as client:
+            admitted.append(client.connected["session_id"])  # type: ignore[attr-defined]
+
+    with trio.fail_after(CLIENT_WAIT_S):
+        async with trio.open_nursery() as clients:
+            for n in range(12):
+                clients.start_soon(connect, n)
+    assert sorted(admitted) == sorted(f"c{n}" for n in range(12))
+
+
 def _masked_text_frame(text: str) -> bytes:
     payload = text.encode()
     assert len(payload) < 126
