@@ -442,27 +442,27 @@ class _CappedEpoll:
     """trio's epoll object, except that one poll returns at most `limit` events."""
 
     def __init__(self, epoll: select.epoll, limit: int) -> None:
-        self.inner = epoll
+        self._epoll = epoll
         self._limit = limit
 
     def poll(self, timeout: float | None = None, maxevents: int = -1) -> list[tuple[int, int]]:
         wanted = self._limit if maxevents <= 0 else min(maxevents, self._limit)
-        return self.inner.poll(timeout, wanted)
+        return self._epoll.poll(timeout, wanted)
 
     def register(self, fd: int, eventmask: int) -> None:
-        self.inner.register(fd, eventmask)
+        self._epoll.register(fd, eventmask)
 
     def modify(self, fd: int, eventmask: int) -> None:
-        self.inner.modify(fd, eventmask)
+        self._epoll.modify(fd, eventmask)
 
     def unregister(self, fd: int) -> None:
-        self.inner.unregister(fd)
+        self._epoll.unregister(fd)
 
     def fileno(self) -> int:
-        return self.inner.fileno()
+        return self._epoll.fileno()
 
     def close(self) -> None:
-        self.inner.close()
+        self._epoll.close()
 
 
 def cap_io_events_per_pass(limit: int) -> bool:
