@@ -1,6 +1,8 @@
 """The benchmark still runs: `bench/bench.py --quick` ends by itself and prints one JSON
 line with every figure as a finite number.
 
+With `BENCH_PASS_DETAIL=1` the stall report also says where the longest passes went.
+
 Only the shape is checked, never the values: on a loaded CI machine the figures say
 nothing, but a bench that no longer runs, or lost a figure, fails here. Bounded by
 SMOKE_TIMEOUT_S (the quick mode takes < 30 s on an idle 2-core machine).
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +57,28 @@ def test_quick_bench_prints_every_figure_as_a_number() -> None:
         if name != "bench" and not (isinstance(value, int | float) and math.isfinite(value))
     }
     assert not problems, (problems, done.stdout[-4000:])
+
+
+def test_pass_detail_says_where_the_longest_passes_went() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "idle", "--keep"],
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+        check=False,
+        env={**os.environ, "BENCH_PASS_DETAIL": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    kept = [line for line in done.stdout.splitlines() if line.startswith("work dir kept: ")]
+    assert kept, done.stdout[-4000:]
+    work = Path(kept[-1].removeprefix("work dir kept: "))
+    try:
+        reports = [json.loads(line) for line in (work / "stalls.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(work)
+    details = [report["longest_pass"] for report in reports if report.get("longest_pass")]
+    assert details, reports
+    for detail in details:
+        assert detail["before_first_step_ms"] >= 0 and detail["between_steps_ms"] >= 0
+        for where, steps, ms in detail["steps"]:
+            assert " @ " in where and steps >= 1 and ms >= 0
