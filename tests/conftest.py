@@ -172,6 +172,13 @@ async def open_chat(
         yield client
 
 
+async def wait_for_connection_count(server: ChatServer, count: int) -> None:
+    """Until the server counts `count` connections. It exposes no event for "a
+    connection left", only the count: this polls it. Callers bound it with fail_after."""
+    while server.connection_count != count:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     """A certificate for IP 127.0.0.1 (in its SAN), valid for a day, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())

@@ -10,7 +10,7 @@ import socket
 import trio
 import trio.testing
 
-from conftest import CLIENT_WAIT_S, open_chat
+from conftest import CLIENT_WAIT_S, open_chat, wait_for_connection_count
 from server import ChatServer, ConnectionTimers, cap_io_events_per_pass
 
 SOCKETS = 40  # more than the cap below, far fewer than a default fd limit
@@ -158,6 +158,5 @@ async def test_an_idle_connection_waits_on_the_server_timers(server: ChatServer)
         # Each idle connection's heartbeat waits here, none on a trio deadline of its own.
         assert len(server.timers) == 2
     with trio.fail_after(CLIENT_WAIT_S):
-        while server.connection_count:  # noqa: ASYNC110 - the server offers only the count
-            await trio.sleep(0.02)
+        await wait_for_connection_count(server, 0)
     assert len(server.timers) == 0
