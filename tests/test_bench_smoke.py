@@ -36,17 +36,24 @@ FIGURES = (
 )
 
 
-def test_quick_bench_prints_every_figure_as_a_number() -> None:
+def _quick_bench(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run `bench.py --quick` with `args`; its stdout, once it exited 0."""
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick"],
+        [sys.executable, str(BENCH), "--quick", *args],
         capture_output=True,
         text=True,
         timeout=SMOKE_TIMEOUT_S,
         check=False,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert lines, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_quick_bench_prints_every_figure_as_a_number() -> None:
+    stdout = _quick_bench()
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, stdout[-4000:]
     figures = json.loads(lines[-1])
     assert figures["bench"] == "quick"
     for name in FIGURES:
@@ -56,21 +63,13 @@ def test_quick_bench_prints_every_figure_as_a_number() -> None:
         for name, value in figures.items()
         if name != "bench" and not (isinstance(value, int | float) and math.isfinite(value))
     }
-    assert not problems, (problems, done.stdout[-4000:])
+    assert not problems, (problems, stdout[-4000:])
 
 
 def test_pass_detail_says_where_the_longest_passes_went() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--only", "idle", "--keep"],
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_S,
-        check=False,
-        env={**os.environ, "BENCH_PASS_DETAIL": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    kept = [line for line in done.stdout.splitlines() if line.startswith("work dir kept: ")]
-    assert kept, done.stdout[-4000:]
+    stdout = _quick_bench("--only", "idle", "--keep", env={**os.environ, "BENCH_PASS_DETAIL": "1"})
+    kept = [line for line in stdout.splitlines() if line.startswith("work dir kept: ")]
+    assert kept, stdout[-4000:]
     work = Path(kept[-1].removeprefix("work dir kept: "))
     try:
         reports = [json.loads(line) for line in (work / "stalls.jsonl").read_text().splitlines()]
