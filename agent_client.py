@@ -1,14 +1,19 @@
 """Upstream model client: one streamed OpenAI Responses API call per turn.
 
-This module owns everything between "the server wants a model answer" and
-"here are our own events": building the ``POST {base_url}/responses`` request,
-retrying what is safe to retry, reading the body (a chunked body is decoded
-here, ``ChunkedBodyDecoder``, on httpx's own pooled connection) and its SSE
-stream (``SSEParser``), mapping upstream events to the small event set below,
-and closing the upstream connection the moment the caller leaves the stream's
-context. It also owns the offline demo model (``DemoModelTransport``) and the
-pure helpers that synthesise a Responses API text stream
-(``text_response_events``, ``encode_sse``), which the test fake upstream reuses.
+This module owns the Responses API: building the ``POST {base_url}/responses``
+request and its input items (``input_items``, ``function_call_item``,
+``function_output_item``, ``assistant_item``; ``parse_arguments`` and the
+``TOOL_*_OUTPUT`` texts for tool calls), retrying what is safe to retry, reading the
+body (its content coding undone in bounded pieces, ``ContentDecoder``) and its SSE
+stream (``SSEParser``), mapping upstream events to the small event set below, and
+closing the upstream connection the moment the caller leaves the stream's context.
+
+Two neighbours own the rest: ``chat.upstream_transport``, the only code beneath
+httpx (lean reads on plain TCP and a chunked body decoded off httpx's pooled
+connection; ``AgentClient(lean_reads=False)`` uses plain httpx instead, and
+``AgentClient.lean_reads_active`` says whether it applies), and ``chat.demo_model``,
+the offline demo model and the synthetic streams the fakes reuse (re-exported here:
+``DemoModelTransport``, ``encode_sse``, ``text_response_events``, ``last_user_text``).
 
 Our events (frozen dataclasses)::
 
@@ -34,8 +39,11 @@ Exception tree (``kind`` is a short machine-readable cause)::
     +-- UpstreamRejected            non-retryable 4xx, "rejected"; status_code, code
     |   +-- PreviousResponseNotFound    previous_response_id unknown upstream: resend
     |                                   the full history without it
-    +-- UpstreamProtocolError       "protocol": not SSE, not JSON, oversized event,
-    |                               stream ended with no terminal event
+    +-- UpstreamProtocolError       "protocol": not SSE, not JSON (or nested too deeply
+    |                               to decode), oversized event, broken chunked framing,
+    |                               a content coding we cannot undo or that inflates
+    |                               past MAX_INFLATED_BODY_BYTES, stream ended with no
+    |                               terminal event
     +-- UpstreamTimeout             "timeout": no bytes for idle_timeout_s
 
 Messages are for humans and never contain the API key: upstream error text is
@@ -47,21 +55,28 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import os
 import random
 import re
-import secrets
-import ssl
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-import httpcore
 import httpx
 import trio
+
+from chat.demo_model import DemoModelTransport as DemoModelTransport
+from chat.demo_model import encode_sse as encode_sse
+from chat.demo_model import last_user_text as last_user_text
+from chat.demo_model import text_response_events as text_response_events
+from chat.upstream_transport import (
+    BodyFramingError,
+    body_chunks,
+    close_response,
+    lean_read_transport,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +86,23 @@ logger = logging.getLogger(__name__)
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 # Error bodies are short JSON; we only need error.code and error.message from them.
 MAX_ERROR_BODY_BYTES = 64 * 1024
-# A burst (the upstream far ahead of us) is read 16 KB at a time, each read its own
-# schedule point: one connection's step stays short while others wait (bench/README.md).
-LEAN_READ_BYTES = 16 * 1024
-# ...and once a pass of the event loop has run this long, a read of a burst (this much
-# or more) waits for the next pass before it returns: the loop polls I/O again, and
-# sessions with a delta or two go first.
-BURST_PASS_BUDGET_S = 0.005
-BURST_READ_BYTES = 4 * 1024
-# A chunk-size line is a hex number and perhaps extensions; h11 allows 16 KB for it.
-MAX_CHUNK_LINE_BYTES = 16 * 1024
 # After the terminal event, the rest of the body is read for this long at most.
 BODY_DRAIN_TIMEOUT_S = 0.05
-# Pace of the offline demo model: fast enough to be pleasant, slow enough to see
-# streaming (and to have something to stop).
-DEMO_WORD_INTERVAL_S = 0.04
+# We ask for identity (SSE is not worth compressing), but an upstream may compress
+# anyway. A whole answer, events and all, is a few MiB; a compressed body that inflates
+# past this is a bomb (525 KB of gzip inflated to 512 MiB froze the server for 57 s).
+MAX_INFLATED_BODY_BYTES = 64 * 1024 * 1024
+# The body is decoded and parsed at most this much per step of the event loop: 16 KB
+# of the costliest SSE (empty comments, ":\n\n") takes ~3 ms to parse here, the same
+# as one lean read of an uncompressed body (chat.upstream_transport.LEAN_READ_BYTES).
+DECODE_PIECE_BYTES = 16 * 1024
 
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-# Where a response head ends, by h11's rule (a line may end in LF alone).
-_HEAD_END_RE = re.compile(rb"\n\r?\n")
 _PREVIOUS_NOT_FOUND_RE = re.compile(r"previous response with id .* not found", re.IGNORECASE)
 # OpenAI echoes (partly masked) keys in 401 messages; strip anything key-shaped.
 _KEY_LIKE_RE = re.compile(r"sk-[A-Za-z0-9_\-*]{4,}")
+# zlib's window bits for the two content codings we undo (RFC 9110 §8.4.1).
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_DEFLATE_WBITS = zlib.MAX_WBITS
 
 
 # --- exceptions ---------------------------------------------------------------
@@ -214,13 +224,18 @@ def decode_event(data: str) -> AgentEvent | None:
 
     Lenient: reads only the fields it uses, so unknown event types, unknown
     fields and missing ``sequence_number``/``obfuscation``/``logprobs`` are fine.
-    Raises UpstreamProtocolError if ``data`` is not a JSON object, or if an event
-    we use lacks the field that carries its meaning (a delta without text).
+    Raises UpstreamProtocolError if ``data`` is not a JSON object (nested too deeply
+    to decode counts as not JSON), or if an event we use lacks the field that carries
+    its meaning (a delta without text).
     """
     try:
         event = json.loads(data)
     except ValueError as exc:
         raise UpstreamProtocolError(f"upstream event is not JSON: {_excerpt(data)}") from exc
+    except RecursionError as exc:  # not a ValueError: json gives up past ~1,000 levels
+        raise UpstreamProtocolError(
+            f"upstream event is JSON nested too deeply: {_excerpt(data)}"
+        ) from exc
     if not isinstance(event, dict):
         raise UpstreamProtocolError(f"upstream event is not a JSON object: {_excerpt(data)}")
     kind = event.get("type")
@@ -344,289 +359,70 @@ def _event_data(block: bytes) -> str | None:
     return b"\n".join(data).decode("utf-8", errors="replace")
 
 
-class ChunkedBodyDecoder:
-    """The payload of an HTTP/1.1 chunked body (RFC 9112 §7.1), from raw bytes.
+def _content_coding(headers: httpx.Headers) -> str:
+    """The content coding of a body: "identity", "gzip" or "deflate". Raises
+    UpstreamProtocolError for any other, and for more than one applied in turn."""
+    codings = [c.strip().lower() for c in headers.get_list("content-encoding", split_commas=True)]
+    applied = [c for c in codings if c not in ("", "identity")]
+    if not applied:
+        return "identity"
+    if len(applied) == 1 and applied[0] in ("gzip", "x-gzip", "deflate"):
+        return "deflate" if applied[0] == "deflate" else "gzip"
+    raise UpstreamProtocolError(
+        f"upstream body has content coding {', '.join(applied)!r}, which we cannot undo"
+    )
 
-    Pure, no I/O: ``feed`` takes each network read and returns the payload bytes it
-    carries, a chunk's data passed on as it arrives rather than once the chunk is
-    whole. When the last-chunk line begins, ``done`` is set and ``rest`` holds the
-    raw bytes from that line on (the last chunk, trailers, the final CRLF), so that
-    the HTTP library can read the end of the message itself. Chunk extensions are
-    ignored. Framing that is not chunked coding raises UpstreamProtocolError: from
-    the call that meets it, or, when that call has payload to return first, from the
-    next call (``failed`` is then set: make that call without waiting for input).
-    Bounded: at most one chunk-size line (``MAX_CHUNK_LINE_BYTES``) is buffered.
+
+class ContentDecoder:
+    """The payload of a body in its content coding, in pieces of bounded size.
+
+    Pure, no I/O: ``feed`` takes each raw chunk and returns an iterator over the
+    payload it carries, pieces of at most ``piece_bytes`` made one at a time as the
+    iterator is advanced, so the caller can give its event loop a turn between
+    pieces: a small compressed chunk never inflates in one go. "identity" passes the
+    chunk on (cut to size); "gzip" (one member after another) and "deflate" (the zlib
+    format) are inflated. Bounded: raises UpstreamProtocolError once the inflated
+    payload passes ``max_bytes`` in all, and for data that is not in its coding.
     """
 
-    def __init__(self) -> None:
-        self._held = b""  # an unfinished chunk-size line, or the start of a data CRLF
-        self._data_due = 0  # payload bytes still to come in the current chunk
-        self._crlf_due = False  # the current chunk's data is over; its CRLF is next
-        self._error: UpstreamProtocolError | None = None
-        self.done = False
-        self.rest = b""
-
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
-    def feed(self, raw: bytes) -> bytes:
-        if self._error is not None:
-            raise self._error
-        if self.done:
-            self.rest += raw
-            return b""
-        payload: list[bytes] = []
-        try:
-            self._decode(raw, payload)
-        except UpstreamProtocolError as error:
-            if not any(payload):
-                raise
-            self._error = error
-        return payload[0] if len(payload) == 1 else b"".join(payload)
-
-    def _decode(self, raw: bytes, payload: list[bytes]) -> None:
-        data = self._held + raw if self._held else raw
-        self._held = b""
-        pos, size = 0, len(data)
-        while pos < size:
-            if self._data_due:
-                end = min(size, pos + self._data_due)
-                payload.append(data[pos:end])
-                self._data_due -= end - pos
-                self._crlf_due = not self._data_due
-                pos = end
-            elif self._crlf_due:
-                if size - pos < 2:
-                    self._held = data[pos:]
-                    break
-                if data[pos : pos + 2] != b"\r\n":
-                    raise UpstreamProtocolError("upstream body: chunk data not followed by CRLF")
-                self._crlf_due = False
-                pos += 2
-            else:
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    if size - pos > MAX_CHUNK_LINE_BYTES:
-                        raise UpstreamProtocolError("upstream body: chunk-size line too long")
-                    self._held = data[pos:]
-                    break
-                digits = data[pos:end].partition(b";")[0].rstrip(b" \t")
-                if not _CHUNK_SIZE_RE.fullmatch(digits):
-                    raise UpstreamProtocolError(
-                        f"upstream body: malformed chunk size {bytes(digits[:40])!r}"
-                    )
-                self._data_due = int(digits, 16)
-                if not self._data_due:
-                    self.done = True
-                    self.rest = data[pos:]
-                    break
-                pos = end + 2
-
-
-# httpcore's socket option shape (it does not export the alias).
-SocketOption = (
-    tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
-)
-
-
-class _LoopPassClock(trio.abc.Instrument):
-    """When the current pass of trio's run loop began (its I/O poll returned)."""
-
-    def __init__(self) -> None:
-        self._started = time.perf_counter()
-
-    def after_io_wait(self, timeout: float) -> None:
-        self._started = time.perf_counter()
-
-    def age_s(self) -> float:
-        return time.perf_counter() - self._started
-
-
-_LOOP_PASS_CLOCK: trio.lowlevel.RunVar[_LoopPassClock] = trio.lowlevel.RunVar("loop_pass_clock")
-
-
-def _loop_pass_clock() -> _LoopPassClock:
-    """The pass clock of the running trio loop, installed on first use."""
-    try:
-        return _LOOP_PASS_CLOCK.get()
-    except LookupError:
-        clock = _LoopPassClock()
-        trio.lowlevel.add_instrument(clock)
-        _LOOP_PASS_CLOCK.set(clock)
-        return clock
-
-
-class _LeanReadTransport(httpx.AsyncHTTPTransport):
-    """httpx's own transport, over connections that read cheaply (`_LeanReadStream`).
-
-    httpx builds its httpcore pool itself and takes no network backend; the pool is
-    rebuilt here with the same settings and ours. Construction fails loudly if httpx
-    ever stops keeping its pool where this expects it.
-    """
-
-    def __init__(self, tls: ssl.SSLContext, limits: httpx.Limits) -> None:
-        super().__init__(verify=tls, limits=limits)
-        if not isinstance(getattr(self, "_pool", None), httpcore.AsyncConnectionPool):
-            raise RuntimeError("this httpx keeps its connection pool elsewhere")
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=tls,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_LeanReadBackend(),
-        )
-
-
-class _LeanReadBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's trio backend, whose plain TCP connections read through `_LeanReadStream`."""
-
-    def __init__(self) -> None:
-        self._trio = httpcore.TrioBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._trio.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _LeanReadStream(stream)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return await self._trio.connect_unix_socket(path, timeout, socket_options)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._trio.sleep(seconds)
-
-
-class _LeanReadStream(httpcore.AsyncNetworkStream):
-    """An httpcore connection whose reads are cheap, and whose response bodies the
-    agent client can read itself (`_tapped_body`).
-
-    Cheap reads: untimed reads on plain TCP skip httpcore's and trio's layers. They
-    are a read per SSE event, and those layers (a cancel scope, three
-    exception-mapping context managers, a recv tried before every wait) cost more
-    than the event. When the last read drained the socket, it waits for readability
-    first instead of trying a recv that would fail. Timed reads, TLS connections and
-    everything else are httpcore's own.
-
-    Body hand-over: from each request write until ``take_body``, a read returns at
-    most up to the end of a response head (by h11's rule), and keeps what follows.
-    So when httpcore has the final response's head, h11 holds no byte of the body,
-    and ``take_body`` hands that body over: the bytes read past the head, then
-    plain reads. ``give_back`` returns bytes for httpcore to read (the end of the
-    message), so that a response read this way still ends in httpcore's pool.
-    """
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        # Plain TCP's descriptor, while the socket is open (-1: read through httpcore).
-        plain = inner.get_extra_info("ssl_object") is None
-        self._fd: int = inner.get_extra_info("socket").fileno() if plain else -1
-        self._drained = True
-        self._unread = b""  # read from the network, not yet returned
-        self._in_head = False  # reads stop at the end of a response head
-        self._head_tail = b""  # the last bytes of the head so far: its end may straddle reads
-
-    async def read(
-        self,
-        max_bytes: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-    ) -> bytes:
-        if self._unread:
-            data, self._unread = self._unread[:max_bytes], self._unread[max_bytes:]
-            await trio.lowlevel.checkpoint()  # every read is a schedule point
-        else:
-            data = await self._read_network(max_bytes, timeout)
-        if self._in_head and data:
-            data = self._up_to_head_end(data)
-        return data
-
-    def take_body(self) -> bytes:
-        """End head mode; the bytes already read past the head (see the class doc)."""
-        self._in_head = False
-        data, self._unread = self._unread, b""
-        return data
-
-    def give_back(self, data: bytes) -> None:
-        """Make ``data`` the next bytes read."""
-        self._unread = data + self._unread
-
-    def _up_to_head_end(self, data: bytes) -> bytes:
-        seen = self._head_tail + data
-        end = _HEAD_END_RE.search(seen)
-        if end is None:
-            self._head_tail = seen[-2:]
-            return data
-        # The tail held no head end (it would have been cut at), so `cut` is > 0.
-        cut = end.end() - len(self._head_tail)
-        self._head_tail = b""
-        self._unread = data[cut:] + self._unread
-        return data[:cut]
-
-    async def _read_network(
-        self,
-        max_bytes: int,
-        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
-    ) -> bytes:
-        if self._fd < 0 or timeout is not None:
-            return await self._inner.read(max_bytes, timeout)
-        read_bytes = min(max_bytes, LEAN_READ_BYTES)
-        try:
-            if self._drained:
-                await trio.lowlevel.wait_readable(self._fd)
-            else:
-                await trio.lowlevel.checkpoint()  # every read is a schedule point
-            while True:
-                try:
-                    data = os.read(self._fd, read_bytes)
-                    break
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self._fd)
-        except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
-            raise httpcore.ReadError(str(exc)) from exc
-        self._drained = len(data) < read_bytes
-        if len(data) >= BURST_READ_BYTES:
-            # Only bursts consult the pass clock (and install it, on first use). The
-            # data waits in _unread, so a cancelled wait loses none of it.
-            loop_pass = _loop_pass_clock()
-            if loop_pass.age_s() > BURST_PASS_BUDGET_S:
-                self._unread = data
-                while loop_pass.age_s() > BURST_PASS_BUDGET_S:
-                    await trio.lowlevel.checkpoint()
-                data, self._unread = self._unread, b""
-        return data
-
-    async def write(
-        self,
-        buffer: bytes,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+    def __init__(
+        self, coding: str, *, max_bytes: int, piece_bytes: int = DECODE_PIECE_BYTES
     ) -> None:
-        self._in_head, self._head_tail = True, b""  # a request: its response head comes next
-        await self._inner.write(buffer, timeout)
+        self.coding = coding
+        self._max_bytes = max_bytes
+        self._piece_bytes = piece_bytes
+        self._inflater: zlib._Decompress | None = None
+        if coding != "identity":
+            self._inflater = zlib.decompressobj(_GZIP_WBITS if coding == "gzip" else _DEFLATE_WBITS)
+        self._inflated_bytes = 0
 
-    async def aclose(self) -> None:
-        self._fd = -1  # the number may belong to another socket once this one is closed
-        await self._inner.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-    ) -> httpcore.AsyncNetworkStream:
-        return _LeanReadStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self.coding == "identity":
+            for start in range(0, len(data), self._piece_bytes):
+                yield data[start : start + self._piece_bytes]
+            return
+        pending = data
+        while pending and (inflater := self._inflater) is not None:
+            try:
+                piece = inflater.decompress(pending, self._piece_bytes)
+            except zlib.error as exc:
+                raise UpstreamProtocolError(
+                    f"upstream body is not valid {self.coding}: {exc}"
+                ) from exc
+            pending = inflater.unconsumed_tail
+            if inflater.eof:
+                if self.coding == "gzip":  # what follows a member is the next member
+                    pending = inflater.unused_data
+                    self._inflater = zlib.decompressobj(_GZIP_WBITS)
+                else:  # nothing after the end of a zlib stream is payload
+                    self._inflater = None
+            if piece:
+                self._inflated_bytes += len(piece)
+                if self._inflated_bytes > self._max_bytes:
+                    raise UpstreamProtocolError(
+                        f"upstream {self.coding} body inflates past {self._max_bytes} bytes"
+                    )
+                yield piece
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -659,6 +455,75 @@ def _retry_after_s(headers: httpx.Headers) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+# --- request building: input items and tool outputs ----------------------------
+
+# What the model is told in place of a tool's answer (as function_call_output).
+TOOL_TIMEOUT_OUTPUT = "Error: the tool did not answer in time (timed out). Continue without it."
+TOOL_CANCELLED_OUTPUT = "Error: the turn ended before the tool answered."
+TOOL_BAD_ARGUMENTS_OUTPUT = "Error: the arguments were not a valid JSON object; call again."
+
+
+class HistoryRow(Protocol):
+    """A stored history message as ``input_items`` reads it (``store.StoredMessage``).
+    Tool rows (role "tool") carry name, call_id, arguments (JSON text) and output."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def call_id(self) -> str | None: ...
+    @property
+    def arguments(self) -> str | None: ...
+    @property
+    def output(self) -> str | None: ...
+
+
+def parse_arguments(arguments: str) -> dict[str, Any] | None:
+    """A function call's arguments as an object (empty text: an empty one); None when
+    they are not a JSON object, including JSON nested too deeply to decode."""
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except (ValueError, RecursionError):  # RecursionError is not a ValueError
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def assistant_item(text: str) -> dict[str, Any]:
+    """An assistant message input item (text the model said earlier)."""
+    return {"role": "assistant", "content": text}
+
+
+def function_call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A function_call input item: a call the model made, arguments as JSON text."""
+    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments}
+
+
+def function_output_item(call_id: str, output: str) -> dict[str, Any]:
+    """The function_call_output input item answering the call ``call_id``."""
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def input_items(messages: Iterable[HistoryRow]) -> list[dict[str, Any]]:
+    """Stored history as Responses API input items. A tool row becomes its call and its
+    output (every stored call has one), so the upstream never sees a dangling call."""
+    items: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "user":
+            items.append({"role": "user", "content": message.content})
+        elif message.role == "assistant":
+            if message.content:
+                items.append(assistant_item(message.content))
+        elif message.call_id and message.name is not None:
+            items.append(
+                function_call_item(message.call_id, message.name, message.arguments or "{}")
+            )
+            items.append(function_output_item(message.call_id, message.output or ""))
+    return items
+
+
 # --- the client ---------------------------------------------------------------
 
 
@@ -675,6 +540,12 @@ class ResponseRequest:
 
 class AgentClient:
     """Streams Responses API answers over one pooled httpx.AsyncClient.
+
+    ``lean_reads`` (default on) lets ``chat.upstream_transport`` read the upstream's
+    bodies beneath httpx where it applies (``lean_reads_active``: a plain-HTTP upstream
+    without a proxy, its self-check passed; a WARNING says why when it does not) and
+    close responses without leaving a reference cycle. Off, everything is plain
+    httpx. A ``transport`` of the caller's (the demo model, a mock) is used as given.
 
     Resource handling: ``stream()`` holds one upstream HTTP response for the
     duration of its ``async with``; leaving it (normally, by exception or by
@@ -698,6 +569,7 @@ class AgentClient:
         retry_after_cap_s: float = 20.0,
         connect_timeout_s: float = 10.0,
         idle_timeout_s: float = 60.0,
+        lean_reads: bool = True,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -708,7 +580,14 @@ class AgentClient:
         self._backoff_base_s = backoff_base_s
         self._retry_after_cap_s = retry_after_cap_s
         self._idle_timeout_s = idle_timeout_s
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+        self._lean_reads = lean_reads
+        # identity: SSE is not worth compressing, and an inflated body costs event-loop
+        # time that a plain one does not (a bomb froze the server; MAX_INFLATED_BODY_BYTES).
+        headers = {
+            "Accept": "text/event-stream",
+            "Accept-Encoding": "identity",
+            "Cache-Control": "no-store",
+        }
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         # Every live turn holds a connection for its whole stream, so the pool must
@@ -716,11 +595,15 @@ class AgentClient:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         # One TLS context for every transport: each load of the CA bundle takes ~50 ms.
         tls = httpx.create_ssl_context()
+        lean = None
+        if lean_reads and transport is None:
+            lean = lean_read_transport(self._url, tls, limits)
+        self._lean_reads_active = lean is not None
         self._http = httpx.AsyncClient(
             transport=transport,
             # A mount, not `transport=`: httpx then still honours proxy variables
             # (HTTPS_PROXY...), whose more specific mounts win over this one.
-            mounts=None if transport else {"all://": _LeanReadTransport(tls, limits)},
+            mounts=None if lean is None else {"all://": lean},
             verify=tls,
             headers=headers,
             # No read timeout: httpx would time-box every read of the body, a cancel
@@ -733,6 +616,14 @@ class AgentClient:
             ),
             limits=limits,
         )
+
+    @property
+    def lean_reads_active(self) -> bool:
+        """Whether upstream bodies are read beneath httpx (``chat.upstream_transport``):
+        False when ``lean_reads`` is off, with a transport of the caller's, for an HTTPS
+        upstream or one behind a proxy, and when the self-check of its assumptions
+        failed on the installed libraries."""
+        return self._lean_reads_active
 
     async def aclose(self) -> None:
         """Close every pooled upstream connection."""
@@ -777,7 +668,7 @@ class AgentClient:
                         # httpcore shields this close from cancellation, so a cancelled
                         # turn still drops the upstream connection here, not at garbage
                         # collection.
-                        await _close_response(response)
+                        await self._close(response)
                     return
             if silence.cancelled_caught:
                 raise UpstreamTimeout(
@@ -808,11 +699,11 @@ class AgentClient:
                     break
         except UpstreamDisconnected as failure:
             await events.aclose()
-            await _close_response(response)
+            await self._close(response)
             raise _Retryable(failure) from failure
         except BaseException:
             await events.aclose()
-            await _close_response(response)
+            await self._close(response)
             raise
         return response, events, opening
 
@@ -840,7 +731,7 @@ class AgentClient:
             try:
                 detail = await self._error_detail(response)
             finally:
-                await _close_response(response)
+                await self._close(response)
             raise _Retryable(
                 UpstreamUnavailable(
                     f"upstream answered HTTP {status}: {detail[1]}",
@@ -853,7 +744,7 @@ class AgentClient:
             try:
                 code, message = await self._error_detail(response)
             finally:
-                await _close_response(response)
+                await self._close(response)
             cls = UpstreamRejected
             if status in (400, 404) and (
                 code == "previous_response_not_found" or _PREVIOUS_NOT_FOUND_RE.search(message)
@@ -865,12 +756,16 @@ class AgentClient:
                 code=code,
             )
         content_type = response.headers.get("content-type", "")
-        if content_type.partition(";")[0].strip().lower() != "text/event-stream":
-            await _close_response(response)
-            raise UpstreamProtocolError(
-                f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
-                " not text/event-stream"
-            )
+        try:
+            if content_type.partition(";")[0].strip().lower() != "text/event-stream":
+                raise UpstreamProtocolError(
+                    f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
+                    " not text/event-stream"
+                )
+            _content_coding(response.headers)
+        except UpstreamProtocolError:
+            await self._close(response)
+            raise
         return response
 
     def _payload(self, request: ResponseRequest) -> dict[str, Any]:
@@ -907,20 +802,12 @@ class AgentClient:
 
     async def _error_detail(self, response: httpx.Response) -> tuple[str | None, str]:
         """(error.code, redacted message) from a bounded read of an error body."""
-        body = bytearray()
-        try:
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) >= MAX_ERROR_BODY_BYTES:
-                    break
-        except httpx.HTTPError:
-            pass  # the status code alone still tells the caller what happened
-        text = bytes(body[:MAX_ERROR_BODY_BYTES]).decode("utf-8", errors="replace")
+        text = (await self._error_body(response)).decode("utf-8", errors="replace")
         code: str | None = None
         message = text.strip()[:500] or response.reason_phrase
         try:
             parsed = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             parsed = None
         if isinstance(parsed, dict):
             error = parsed.get("error")
@@ -929,13 +816,50 @@ class AgentClient:
                 message = _str_or_none(error.get("message")) or message
         return code, _redact(message, self._api_key)
 
+    async def _error_body(self, response: httpx.Response) -> bytes:
+        """Up to MAX_ERROR_BODY_BYTES of an error body, its content coding undone; what
+        arrived before a failure (the status code alone still says what happened)."""
+        body = bytearray()
+        try:
+            decoder = ContentDecoder(
+                _content_coding(response.headers), max_bytes=MAX_INFLATED_BODY_BYTES
+            )
+            async with aclosing(self._raw_body(response)) as chunks:
+                async for chunk in chunks:
+                    for piece in decoder.feed(chunk):  # made one by one: stops with us
+                        body += piece
+                        if len(body) >= MAX_ERROR_BODY_BYTES:
+                            return bytes(body[:MAX_ERROR_BODY_BYTES])
+        except (httpx.HTTPError, BodyFramingError, UpstreamProtocolError):
+            pass
+        return bytes(body)
+
+    def _raw_body(self, response: httpx.Response) -> AsyncGenerator[bytes, None]:
+        """The body as it came: transfer coding removed, content coding kept."""
+        if self._lean_reads_active:
+            return body_chunks(response)
+        # aiter_raw() is an async generator (typed as a plain iterator); the caller
+        # closes it, so nothing is left for the garbage collector.
+        return cast(AsyncGenerator[bytes, None], response.aiter_raw())
+
+    async def _close(self, response: httpx.Response) -> None:
+        """Close ``response``, without leaving httpx's reference cycle when allowed to."""
+        if self._lean_reads:
+            await close_response(response)
+        else:
+            await response.aclose()
+
     def _describe(self, exc: Exception) -> str:
         return _redact(f"{type(exc).__name__}: {exc}", self._api_key)
 
     async def _events(
         self, response: httpx.Response, silence: trio.CancelScope
     ) -> AsyncGenerator[AgentEvent, None]:
-        chunks = _body_chunks(response)
+        chunks = self._raw_body(response)
+        decoder = ContentDecoder(
+            _content_coding(response.headers), max_bytes=MAX_INFLATED_BODY_BYTES
+        )
+        identity = decoder.coding == "identity"
         # The silence deadline moves at most once per slack_s (moving it costs more than
         # an SSE event): silence is still allowed idle_timeout_s, and at most slack_s more.
         slack_s = self._idle_timeout_s / 8
@@ -949,111 +873,53 @@ class AgentClient:
                     if now >= push_at:
                         silence.deadline = now + self._idle_timeout_s + slack_s
                         push_at = now + slack_s
-                    # Text deltas that arrived together go on as one (the same text):
-                    # under a burst, one frame and one write per network read.
-                    together: list[TextDelta] = []
-                    for data in parser.feed(chunk):
-                        event = decode_event(data)
-                        if isinstance(event, TextDelta):
-                            together.append(event)
-                            continue
+                    # The usual read is one piece. A larger or compressed one is decoded
+                    # and parsed piece by piece, the event loop's other tasks run between
+                    # pieces: no one read holds the loop, whatever it inflates to.
+                    pieces: Iterable[bytes] = (
+                        (chunk,)
+                        if identity and len(chunk) <= DECODE_PIECE_BYTES
+                        else decoder.feed(chunk)
+                    )
+                    later = False
+                    for piece in pieces:
+                        if later:
+                            await trio.lowlevel.checkpoint()
+                        later = True
+                        # Text deltas that arrived together go on as one (the same text):
+                        # under a burst, one frame and one write per network read.
+                        together: list[TextDelta] = []
+                        for data in parser.feed(piece):
+                            event = decode_event(data)
+                            if isinstance(event, TextDelta):
+                                together.append(event)
+                                continue
+                            if together:
+                                yield _joined(together)
+                                together.clear()
+                            if isinstance(event, ResponseStarted):
+                                response_id = event.response_id
+                            elif isinstance(event, _TERMINAL):
+                                # The error event carries no response id; we know it now.
+                                if event.response_id is None:
+                                    event = replace(event, response_id=response_id)
+                                yield event
+                                await _finish_body(chunks)
+                                return
+                            if event is not None:
+                                yield event
                         if together:
                             yield _joined(together)
-                            together.clear()
-                        if isinstance(event, ResponseStarted):
-                            response_id = event.response_id
-                        elif isinstance(event, _TERMINAL):
-                            # The error event carries no response id; we know it by now.
-                            if event.response_id is None:
-                                event = replace(event, response_id=response_id)
-                            yield event
-                            await _finish_body(chunks)
-                            return
-                        if event is not None:
-                            yield event
-                    if together:
-                        yield _joined(together)
         except httpx.TransportError as exc:
             raise UpstreamDisconnected(
                 f"upstream connection broke mid-stream: {self._describe(exc)}"
             ) from exc
-        except httpx.DecodingError as exc:
-            raise UpstreamProtocolError(
-                f"upstream body could not be decoded: {self._describe(exc)}"
-            ) from exc
+        except BodyFramingError as exc:
+            raise UpstreamProtocolError(_redact(str(exc), self._api_key)) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
-
-
-def _body_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
-    """The body of a streamed response, chunk by chunk: a plain chunked body on our own
-    connection is read by `_tapped_body`, anything else through httpx."""
-    stream = response.extensions.get("network_stream")
-    if isinstance(stream, _LeanReadStream):
-        opening = stream.take_body()  # ends head mode, whoever reads the body
-        if _is_plain_chunked(response):
-            return _tapped_body(response, stream, opening)
-        stream.give_back(opening)  # httpx reads it, from the first byte past the head
-    # aiter_bytes() is an async generator (typed as a plain iterator); the caller
-    # closes it, so nothing is left for the garbage collector.
-    return cast(AsyncGenerator[bytes, None], response.aiter_bytes())
-
-
-def _is_plain_chunked(response: httpx.Response) -> bool:
-    """Chunked coding (the only transfer coding h11 knows) and no content coding."""
-    headers = response.headers
-    return (
-        response.http_version == "HTTP/1.1"
-        and headers.get("transfer-encoding", "").strip().lower() == "chunked"
-        and headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
-    )
-
-
-async def _tapped_body(
-    response: httpx.Response, stream: _LeanReadStream, opening: bytes
-) -> AsyncGenerator[bytes, None]:
-    """A chunked body decoded here, one payload per network read: httpx, httpcore and
-    h11 would pass each read through five async generators and two h11 events, which
-    cost more than the SSE event it carries (bench/README.md). The end of the message
-    goes back to httpcore to read, so the connection is released to the pool as usual.
-    Raises httpx.ReadError or RemoteProtocolError for a broken or closed connection
-    (as httpx would), UpstreamProtocolError for framing that is not chunked coding."""
-    decoder = ChunkedBodyDecoder()
-    raw = opening
-    while True:
-        payload = decoder.feed(raw)
-        if payload:
-            yield payload
-        if decoder.done:
-            break
-        if decoder.failed:
-            raw = b""  # the next feed raises
-            continue
-        try:
-            raw = await stream.read(LEAN_READ_BYTES)
-        except httpcore.NetworkError as exc:
-            raise httpx.ReadError(str(exc)) from exc
-        if not raw:
-            raise httpx.RemoteProtocolError("upstream closed the connection inside a chunked body")
-    stream.give_back(decoder.rest)
-    await response.aread()  # nothing but the end of the message is left
-
 
 def _joined(deltas: list[TextDelta]) -> TextDelta:
     return deltas[0] if len(deltas) == 1 else TextDelta("".join(d.text for d in deltas))
-
-
-async def _close_response(response: httpx.Response) -> None:
-    """Close `response` and break the reference cycle httpx keeps between a response and
-    its body stream, so that the whole connection's objects are freed at once by
-    reference counting. Left to the garbage collector they wait for a full collection,
-    whose pause grows with every object of every open WebSocket (bench/README.md)."""
-    try:
-        await response.aclose()
-    finally:
-        response.stream = _CLOSED_BODY
-
-
-_CLOSED_BODY = httpx.ByteStream(b"")
 
 
 class _Resumed:
@@ -1075,8 +941,9 @@ class _Resumed:
 
 async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
     """Read what follows the terminal event (normally just the end of the chunked
-    body), briefly: a fully read response goes back to httpx's pool, so the next turn
-    skips a TCP and TLS handshake. Whatever goes wrong here, the answer is complete."""
+    body), briefly and without decoding it: a fully read response goes back to httpx's
+    pool, so the next turn skips a TCP and TLS handshake. Whatever goes wrong here,
+    the answer is complete."""
     with trio.move_on_after(BODY_DRAIN_TIMEOUT_S):
         try:
             drained = 0
@@ -1084,162 +951,5 @@ async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
                 drained += len(chunk)
                 if drained > MAX_ERROR_BODY_BYTES:
                     return
-        except (httpx.HTTPError, UpstreamProtocolError):  # broken framing: connection dropped
+        except (httpx.HTTPError, BodyFramingError):  # broken framing: connection dropped
             return
-
-
-# --- synthetic streams: the demo model and the test fake share these ----------
-
-
-def encode_sse(event: Mapping[str, Any]) -> bytes:
-    """Frame one event the way the real upstream does: ``event:`` line, compact JSON."""
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
-
-
-def text_response_events(
-    response_id: str, model: str, text_chunks: list[str], *, created_at: int = 0
-) -> list[dict[str, Any]]:
-    """The full event sequence of a one-message text answer, shaped like the recordings.
-
-    Pure: ids derive from ``response_id``; pass ``created_at`` for a real timestamp.
-    """
-    item_id = "msg_" + response_id.removeprefix("resp_")
-    text = "".join(text_chunks)
-    part_done = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
-    item_done = {
-        "id": item_id,
-        "type": "message",
-        "status": "completed",
-        "content": [part_done],
-        "role": "assistant",
-    }
-    place = {"item_id": item_id, "output_index": 0, "content_index": 0}
-
-    def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": response_id,
-            "object": "response",
-            "created_at": created_at,
-            "status": status,
-            "error": None,
-            "incomplete_details": None,
-            "model": model,
-            "output": output,
-            "previous_response_id": None,
-            "store": True,
-            "usage": None
-            if status == "in_progress"
-            else {"input_tokens": 0, "output_tokens": len(text_chunks)},
-        }
-
-    bodies: list[dict[str, Any]] = [
-        {"type": "response.created", "response": response("in_progress", [])},
-        {"type": "response.in_progress", "response": response("in_progress", [])},
-        {
-            "type": "response.output_item.added",
-            "output_index": 0,
-            "item": {**item_done, "status": "in_progress", "content": []},
-        },
-        {"type": "response.content_part.added", **place, "part": {**part_done, "text": ""}},
-        *(
-            {"type": "response.output_text.delta", **place, "delta": chunk, "logprobs": []}
-            for chunk in text_chunks
-        ),
-        {"type": "response.output_text.done", **place, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **place, "part": part_done},
-        {"type": "response.output_item.done", "output_index": 0, "item": item_done},
-        {"type": "response.completed", "response": response("completed", [item_done])},
-    ]
-    return [
-        {"type": body["type"], "sequence_number": number, **body}
-        for number, body in enumerate(bodies)
-    ]
-
-
-def last_user_text(items: object) -> str:
-    """Text of the last user message in a Responses API ``input`` (string or items)."""
-    if isinstance(items, str):
-        return items
-    if not isinstance(items, list):
-        return ""
-    for item in reversed(items):
-        if not isinstance(item, dict) or item.get("role") != "user":
-            continue
-        content = item.get("content")
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list):
-            return "".join(
-                part["text"]
-                for part in content
-                if isinstance(part, dict) and isinstance(part.get("text"), str)
-            )
-    return ""
-
-
-class _PacedSSEStream(httpx.AsyncByteStream):
-    """Encodes events on demand, pausing before each text delta.
-
-    An iterator object rather than an async generator, so a reader that stops
-    early (a stopped turn) leaves nothing for trio's garbage-collection warning.
-    """
-
-    def __init__(self, events: list[dict[str, Any]], word_interval_s: float) -> None:
-        self._events = iter(events)
-        self._word_interval_s = word_interval_s
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self
-
-    async def __anext__(self) -> bytes:
-        event = next(self._events, None)
-        if event is None:
-            raise StopAsyncIteration
-        if event["type"] == "response.output_text.delta":
-            await trio.sleep(self._word_interval_s)
-        return encode_sse(event)
-
-
-class DemoModelTransport(httpx.AsyncBaseTransport):
-    """Offline demo model for running the server without an API key.
-
-    Answers ``POST .../responses`` with a streamed, correctly shaped Responses
-    API text answer that echoes the last user message and says it is a demo.
-    Anything else gets a 404 JSON error, as the real API would.
-    """
-
-    def __init__(self, *, word_interval_s: float = DEMO_WORD_INTERVAL_S) -> None:
-        self._word_interval_s = word_interval_s
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method != "POST" or not request.url.path.endswith("/responses"):
-            return httpx.Response(
-                404, json={"error": {"code": "not_found", "message": "demo model: no such route"}}
-            )
-        try:
-            body = json.loads(await request.aread())
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            return httpx.Response(
-                400, json={"error": {"code": "invalid_json", "message": "body is not JSON"}}
-            )
-        said = last_user_text(body.get("input")).strip() or "(nothing)"
-        if len(said) > 200:
-            said = said[:200] + "…"
-        text = (
-            f"**(offline demo model)** You said: «{said}».\n\n"
-            "Set `OPENAI_API_KEY` or `--upstream-url` to talk to a *real* model."
-        )
-        events = text_response_events(
-            f"resp_demo_{secrets.token_hex(12)}",
-            str(body.get("model", "demo")),
-            re.findall(r"\s*\S+", text),
-            created_at=int(time.time()),
-        )
-        return httpx.Response(
-            200,
-            headers={"content-type": "text/event-stream"},
-            stream=_PacedSSEStream(events, self._word_interval_s),
-        )

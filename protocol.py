@@ -20,7 +20,10 @@ maps exceptions to frames or close codes in one place (`ChatError.to_frame` and
     │   ├── UpstreamFailed         upstream_error
     │   └── StorageUnavailable     storage_error (the database refused a write)
     └── CloseError                 the connection is closed with `close_code`
+        ├── NormalClosure          1000
+        ├── PeerGone               1000 (nobody left to send a close frame to)
         ├── ServerShuttingDown     1001
+        ├── HeartbeatTimeout       1001 (the peer answered no ping in time)
         ├── FrameTooLarge          1009
         ├── InternalError          1011
         ├── ServerFull             1013
@@ -29,6 +32,7 @@ maps exceptions to frames or close codes in one place (`ChatError.to_frame` and
         ├── SlowConsumer           1008 (the client stopped reading; not in the contract table)
         ├── UserConnectionLimit    4008
         ├── TakenOver              4009
+        ├── SessionDeleted         4410
         └── InvalidSessionId       4400
 """
 
@@ -37,7 +41,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import struct
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -145,6 +148,23 @@ class CloseError(ChatError):
     close_code: ClassVar[int]
 
 
+class NormalClosure(CloseError):
+    close_code = 1000
+    message = "normal closure"
+
+
+class PeerGone(CloseError):
+    """The client closed or vanished; there is nobody to send a close frame to."""
+
+    close_code = 1000
+    message = "peer gone"
+
+
+class HeartbeatTimeout(CloseError):
+    close_code = 1001
+    message = "heartbeat timeout"
+
+
 class ServerShuttingDown(CloseError):
     close_code = 1001
     message = "server shutting down"
@@ -188,6 +208,11 @@ class UserConnectionLimit(CloseError):
 class TakenOver(CloseError):
     close_code = 4009
     message = "session taken over by a newer connection"
+
+
+class SessionDeleted(CloseError):
+    close_code = 4410
+    message = "session deleted"
 
 
 class InvalidSessionId(CloseError):
@@ -295,6 +320,8 @@ class ResponseStart(_ServerFrame):
     type: Literal["response_start"] = "response_start"
     turn_id: str
     message_id: str | None
+    # A running turn replayed to a connection that attached while it ran.
+    resumed: bool = False
 
 
 class TextDeltaFrame(_ServerFrame):
@@ -385,24 +412,6 @@ ServerFrame = (
 def encode(frame: ServerFrame) -> str:
     """One server frame as JSON text."""
     return frame.model_dump_json()
-
-
-def encode_text_delta_frame(turn_id: str, content: str) -> bytes:
-    """`encode_text_delta` as a whole WebSocket message (RFC 6455 §5.2): one final,
-    unmasked text frame, as a server sends it when no extension was negotiated (the
-    server offers none). The hot path writes these bytes to the socket itself."""
-    payload = encode_text_delta(turn_id, content).encode()
-    size = len(payload)
-    if size < 126:
-        header = bytes((_FINAL_TEXT_FRAME, size))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", _FINAL_TEXT_FRAME, 126, size)
-    else:
-        header = struct.pack("!BBQ", _FINAL_TEXT_FRAME, 127, size)
-    return header + payload
-
-
-_FINAL_TEXT_FRAME = 0x81  # FIN bit, opcode 1 (text)
 
 
 def encode_text_delta(turn_id: str, content: str) -> str:

@@ -230,22 +230,14 @@ def main() -> int:
             else:
                 profiler.disable()
 
-    real_run = trio.run
-
-    def instrumented_run(*args: Any, **kwargs: Any) -> Any:
-        kwargs["instruments"] = [*kwargs.get("instruments", ()), meter]
-        return real_run(*args, **kwargs)
-
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, on_usr2)
-    trio.run = instrumented_run  # server.main() calls trio.run exactly once
     try:
-        return server.main(argv)
+        return server.main(argv, instruments=[meter])
     finally:
         if profiler is not None and profile_path:
             profiler.disable()
             profiler.dump_stats(profile_path)
-        trio.run = real_run
         write(meter.report(final=True))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import h11
 import trio
 
-from agent_client import encode_sse, last_user_text, text_response_events
+from chat.demo_model import encode_sse, last_user_text, text_response_events
 
 RECORDINGS_DIR = Path(
     os.environ.get("UPSTREAM_RECORDINGS_DIR")

@@ -3,28 +3,31 @@
 Rules for these tests: loopback only (the fake upstream on 127.0.0.1:0), every
 test doing I/O is bounded by ``trio.fail_after``, waits are on events (requests
 arriving, exchanges ending), never on sleeps. Expected outcomes for recordings
-are computed from the recording files themselves, by a parser independent of
-``decode_event``.
+are computed from the recording files themselves (read from
+``../shared/upstream-recordings/`` at test time), by a parser independent of
+``decode_event``. Every test that goes over a socket runs twice, with lean reads
+(``chat.upstream_transport``) and with plain httpx (``lean_reads=False``).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
+import re
 import socket
 import ssl
 import time
-from collections import deque
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from functools import partial
-from itertools import pairwise
+from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import h11
-import httpcore
 import pytest
 import trio
 import trio.testing
@@ -33,14 +36,11 @@ from hypothesis import strategies as st
 
 import agent_client
 from agent_client import (
-    BURST_PASS_BUDGET_S,
-    BURST_READ_BYTES,
-    MAX_CHUNK_LINE_BYTES,
+    MAX_INFLATED_BODY_BYTES,
     AgentClient,
     AgentEvent,
-    ChunkedBodyDecoder,
     Completed,
-    DemoModelTransport,
+    ContentDecoder,
     Failed,
     Incomplete,
     PreviousResponseNotFound,
@@ -55,12 +55,14 @@ from agent_client import (
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
-    _LeanReadStream,
-    _loop_pass_clock,
+    assistant_item,
     decode_event,
-    encode_sse,
-    text_response_events,
+    function_call_item,
+    function_output_item,
+    input_items,
+    parse_arguments,
 )
+from chat.demo_model import DemoModelTransport, encode_sse, text_response_events
 from conftest import self_signed_cert
 from fake_upstream import (
     RECORDINGS_DIR,
@@ -77,6 +79,7 @@ from fake_upstream import (
     ToolCallReply,
     _Exchange,
 )
+from store import StoredMessage
 
 API_KEY = "sk-test-DoNotLeakThisKey0123456789"
 IO_LIMIT_S = 10
@@ -86,11 +89,23 @@ REQUEST = ResponseRequest(
 RECORDINGS = sorted(RECORDINGS_DIR.glob("*.sse"))
 
 
+@pytest.fixture(params=[True, False], ids=["lean", "plain"])
+def lean_reads(request: pytest.FixtureRequest) -> bool:
+    """Both read paths: chat.upstream_transport's, and plain httpx's."""
+    lean: bool = request.param
+    return lean
+
+
 @pytest.fixture
-async def client(fake: FakeUpstream) -> AsyncIterator[AgentClient]:
+async def client(fake: FakeUpstream, lean_reads: bool) -> AsyncIterator[AgentClient]:
     agent = AgentClient(
-        base_url=fake.base_url, api_key=API_KEY, model="test-model", backoff_base_s=0.01
+        base_url=fake.base_url,
+        api_key=API_KEY,
+        model="test-model",
+        backoff_base_s=0.01,
+        lean_reads=lean_reads,
     )
+    assert agent.lean_reads_active is lean_reads  # the self-check passes here
     yield agent
     await agent.aclose()
 
@@ -480,8 +495,10 @@ async def test_request_body_and_headers(fake: FakeUpstream, client: AgentClient)
     assert seen.headers["content-type"] == "application/json"
 
 
-async def test_optional_fields_are_omitted_and_no_key_means_no_auth(fake: FakeUpstream) -> None:
-    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m")
+async def test_optional_fields_are_omitted_and_no_key_means_no_auth(
+    fake: FakeUpstream, lean_reads: bool
+) -> None:
+    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", lean_reads=lean_reads)
     try:
         await collect(agent)
     finally:
@@ -503,8 +520,14 @@ async def test_429_retry_after_is_honoured(fake: FakeUpstream, client: AgentClie
     assert second.received_at - first.received_at >= 0.2
 
 
-async def test_retry_after_is_capped(fake: FakeUpstream) -> None:
-    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", retry_after_cap_s=0.05)
+async def test_retry_after_is_capped(fake: FakeUpstream, lean_reads: bool) -> None:
+    agent = AgentClient(
+        base_url=fake.base_url,
+        api_key=None,
+        model="m",
+        retry_after_cap_s=0.05,
+        lean_reads=lean_reads,
+    )
     fake.enqueue(StatusReply(503, headers={"retry-after": "3600"}))
     try:
         with trio.fail_after(2):
@@ -536,12 +559,16 @@ async def test_persistent_429_is_rate_limited(fake: FakeUpstream, client: AgentC
     assert caught.value.kind == "rate_limited"
 
 
-async def test_connection_refused_is_unavailable() -> None:
+async def test_connection_refused_is_unavailable(lean_reads: bool) -> None:
     with socket.socket() as sock:  # bind then close: a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     agent = AgentClient(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, model="m", backoff_base_s=0.01
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key=API_KEY,
+        model="m",
+        backoff_base_s=0.01,
+        lean_reads=lean_reads,
     )
     try:
         with pytest.raises(UpstreamUnavailable) as caught:
@@ -645,8 +672,10 @@ async def test_drops_before_the_first_delta_run_out_as_disconnected(
     assert len(fake.requests) == 3
 
 
-async def test_stall_mid_stream_is_timeout(fake: FakeUpstream) -> None:
-    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.3)
+async def test_stall_mid_stream_is_timeout(fake: FakeUpstream, lean_reads: bool) -> None:
+    agent = AgentClient(
+        base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.3, lean_reads=lean_reads
+    )
     fake.enqueue(StallReply(["before"], stall_s=5))
     try:
         with pytest.raises(UpstreamTimeout), trio.fail_after(IO_LIMIT_S):
@@ -724,8 +753,12 @@ async def test_leaving_the_context_early_closes_upstream(
     assert closed_at is not None and closed_at - left_at < 0.1
 
 
-async def test_cancel_during_retry_backoff_stops_retrying(fake: FakeUpstream) -> None:
-    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", backoff_base_s=60)
+async def test_cancel_during_retry_backoff_stops_retrying(
+    fake: FakeUpstream, lean_reads: bool
+) -> None:
+    agent = AgentClient(
+        base_url=fake.base_url, api_key=None, model="m", backoff_base_s=60, lean_reads=lean_reads
+    )
     fake.enqueue(StatusReply(500))
     try:
         with trio.fail_after(IO_LIMIT_S):
@@ -766,11 +799,11 @@ async def test_demo_model_streams_text_and_completes() -> None:
 
 
 async def test_a_completed_stream_returns_its_connection_to_the_pool(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, lean_reads: bool
 ) -> None:
     upstream = await nursery.start(FakeUpstream(keep_alive=True).serve)
     upstream.enqueue(TextReply(["one"]), TextReply(["two"]))
-    client = AgentClient(base_url=upstream.base_url, api_key="k", model="m")
+    client = AgentClient(base_url=upstream.base_url, api_key="k", model="m", lean_reads=lean_reads)
     try:
         with trio.fail_after(10):
             for _ in range(2):
@@ -786,7 +819,7 @@ async def test_a_completed_stream_returns_its_connection_to_the_pool(
 async def test_https_upstream_streams_and_reuses_its_tls_connection(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The real API is HTTPS: TLS reads go through httpcore, the body is still ours.
+    # The real API is HTTPS: lean reads never apply to TLS, everything is httpx's.
     cert, key = self_signed_cert(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -795,6 +828,7 @@ async def test_https_upstream_streams_and_reuses_its_tls_connection(
     upstream.enqueue(TextReply(["secure ", "one"]), TextReply(["secure ", "two"]))
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts it, as in production
     client = AgentClient(base_url=upstream.base_url, api_key="k", model="m")
+    assert not client.lean_reads_active
     try:
         assert text_of(await collect(client)) == "secure one"
         assert text_of(await collect(client)) == "secure two"
@@ -803,9 +837,13 @@ async def test_https_upstream_streams_and_reuses_its_tls_connection(
     assert upstream.connections_accepted == 1
 
 
-async def test_silence_limit_is_per_gap_not_per_answer(fake: FakeUpstream) -> None:
+async def test_silence_limit_is_per_gap_not_per_answer(
+    fake: FakeUpstream, lean_reads: bool
+) -> None:
     # Eight gaps of 0.15 s: the answer takes longer than the limit, no gap does.
-    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.6)
+    agent = AgentClient(
+        base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.6, lean_reads=lean_reads
+    )
     fake.enqueue(TextReply([f"{n} " for n in range(9)], delay_s=0.15))
     try:
         started = trio.current_time()
@@ -815,8 +853,12 @@ async def test_silence_limit_is_per_gap_not_per_answer(fake: FakeUpstream) -> No
         await agent.aclose()
 
 
-async def test_silence_before_the_headers_is_timeout(fake: FakeUpstream) -> None:
-    agent = AgentClient(base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.3)
+async def test_silence_before_the_headers_is_timeout(
+    fake: FakeUpstream, lean_reads: bool
+) -> None:
+    agent = AgentClient(
+        base_url=fake.base_url, api_key=None, model="m", idle_timeout_s=0.3, lean_reads=lean_reads
+    )
     fake.enqueue(TextReply(["late"], start_delay_s=5))
     try:
         started = trio.current_time()
@@ -828,143 +870,7 @@ async def test_silence_before_the_headers_is_timeout(fake: FakeUpstream) -> None
     assert len(fake.requests) == 1  # the request may be running upstream: not repeated
 
 
-async def test_loop_pass_clock_is_one_per_run_and_restarts_at_every_io_poll() -> None:
-    # Bursting reads give way once a loop pass is older than BURST_PASS_BUDGET_S.
-    clock = _loop_pass_clock()
-    assert _loop_pass_clock() is clock
-    busy_until = time.perf_counter() + 2 * BURST_PASS_BUDGET_S
-    while time.perf_counter() < busy_until:  # a long pass: this task computing
-        pass
-    assert clock.age_s() > BURST_PASS_BUDGET_S
-    await trio.lowlevel.checkpoint()  # the next pass starts with an I/O poll
-    assert clock.age_s() < BURST_PASS_BUDGET_S
-
-
-# --- chunked bodies: decoded by the agent client itself ------------------------
-
-
-def _chunked_by_h11(
-    pieces: list[bytes], trailers: list[tuple[bytes, bytes]]
-) -> tuple[bytes, bytes]:
-    """(the data chunks, the message end) of a chunked body as h11 writes it."""
-    server = h11.Connection(h11.SERVER)
-    server.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-    assert isinstance(server.next_event(), h11.Request)
-    server.send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
-    data = b"".join(server.send(h11.Data(data=piece)) or b"" for piece in pieces)
-    return data, server.send(h11.EndOfMessage(headers=trailers)) or b""
-
-
-@given(
-    st.lists(st.binary(min_size=1, max_size=40), max_size=8),
-    st.lists(st.integers(min_value=0, max_value=500), max_size=12),
-)
-def test_chunked_decoder_agrees_with_h11_however_the_bytes_are_cut(
-    pieces: list[bytes], cuts: list[int]
-) -> None:
-    chunks, end = _chunked_by_h11(pieces, [(b"x-trailer", b"1")])
-    body = chunks + end + b"NEXT"
-    decoder = ChunkedBodyDecoder()
-    points = [0, *sorted(c for c in cuts if c < len(body)), len(body)]
-    payload = b"".join(decoder.feed(body[a:b]) for a, b in pairwise(points))
-    assert payload == b"".join(pieces)
-    assert decoder.done
-    assert decoder.rest == end + b"NEXT"  # for h11 to read: the last chunk on
-
-
-def test_chunked_decoder_reads_extensions_and_any_case_of_hex() -> None:
-    decoder = ChunkedBodyDecoder()
-    assert decoder.feed(b"5;name=value\r\nhello\r\nA \r\n0123456789\r\n") == b"hello0123456789"
-    assert not decoder.done
-    assert decoder.feed(b"0;last\r\n\r\n") == b""
-    assert decoder.done and decoder.rest == b"0;last\r\n\r\n"
-
-
-def test_chunked_decoder_passes_data_on_before_the_chunk_is_whole() -> None:
-    decoder = ChunkedBodyDecoder()
-    assert decoder.feed(b"a\r\nabc") == b"abc"
-    assert decoder.feed(b"defghij\r") == b"defghij"
-    assert decoder.feed(b"\n3\r\nxyz\r\n") == b"xyz"
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"zz\r\n",  # not hex
-        b"-5\r\nhello\r\n",  # signs, prefixes and spaces int() would take
-        b"0x5\r\nhello\r\n",
-        b" 5\r\nhello\r\n",
-        b"\r\n",  # no size at all
-        b"11111111111111111\r\n",  # past 16 hex digits
-        b"5\r\nhelloXY",  # chunk data not followed by CRLF
-        b"1" * (MAX_CHUNK_LINE_BYTES + 1),  # a size line that never ends
-    ],
-)
-def test_chunked_decoder_rejects_broken_framing(body: bytes) -> None:
-    decoder = ChunkedBodyDecoder()
-    with pytest.raises(UpstreamProtocolError):
-        decoder.feed(body)
-        decoder.feed(b"")  # the payload before the error came first
-
-
-def test_chunked_decoder_returns_the_payload_before_broken_framing_first() -> None:
-    decoder = ChunkedBodyDecoder()
-    assert decoder.feed(b"3\r\nabc\r\nzz\r\n") == b"abc"
-    assert decoder.failed
-    with pytest.raises(UpstreamProtocolError):
-        decoder.feed(b"")
-
-
-class _ScriptedStream(httpcore.AsyncNetworkStream):
-    """An httpcore stream that reads a script, one piece per read (like TLS: no fd)."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = deque(pieces)
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        await trio.lowlevel.checkpoint()
-        return self._pieces.popleft() if self._pieces else b""
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def get_extra_info(self, info: str) -> Any:
-        return object() if info == "ssl_object" else None
-
-
-# An informational head, then the final one with bare-LF line ends (h11 takes both).
-HEADS = (
-    b"HTTP/1.1 100 Continue\r\n\r\n"
-    b"HTTP/1.1 200 OK\ncontent-type: text/event-stream\ntransfer-encoding: chunked\n\n"
-)
-BODY = b"5\r\nhello\r\n0\r\n\r\n"
-
-
-@given(st.lists(st.integers(min_value=1, max_value=len(HEADS + BODY) - 1), max_size=10))
-def test_the_body_is_handed_over_whole_however_the_response_is_cut(cuts: list[int]) -> None:
-    # h11 is the oracle: once it has the final head it must hold no byte of the body,
-    # and take_body plus the reads after it must give exactly the body.
-    raw = HEADS + BODY
-    points = [0, *sorted(set(cuts)), len(raw)]
-
-    async def exchange() -> None:
-        stream = _LeanReadStream(_ScriptedStream([raw[a:b] for a, b in pairwise(points)]))
-        await stream.write(b"POST / HTTP/1.1\r\n...")  # a request: its response head is next
-        h11_client = h11.Connection(h11.CLIENT)
-        h11_client.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
-        while not isinstance(event := h11_client.next_event(), h11.Response):
-            if event is h11.NEED_DATA:
-                h11_client.receive_data(await stream.read(65536))
-        assert h11_client.trailing_data == (b"", False)
-        body = stream.take_body()
-        while more := await stream.read(65536):
-            body += more
-        assert body == BODY
-
-    trio.run(exchange)
+# --- framings and content codings: the same answer either way -------------------
 
 
 SSE_BODY = b"".join(encode_sse(e) for e in text_response_events("resp_raw", "m", ["Hel", "lo"]))
@@ -979,25 +885,31 @@ def _chunked(data: bytes, size: int = 50) -> bytes:
 
 RAW_SSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
 FRAMINGS = {
-    # the agent client decodes these bodies itself...
+    # with lean reads, these bodies are read off the connection, not through h11...
     "chunked": RAW_SSE + b"transfer-encoding: chunked\r\n\r\n" + _chunked(SSE_BODY) + b"0\r\n\r\n",
     "informational head first, trailers last": b"HTTP/1.1 100 Continue\r\n\r\n"
     + RAW_SSE
     + b"transfer-encoding: chunked\r\n\r\n"
     + _chunked(SSE_BODY)
     + b"0\r\nx-t: 1\r\n\r\n",
-    # ...and leaves these to httpx
-    "content-length": RAW_SSE + b"content-length: %d\r\n\r\n" % len(SSE_BODY) + SSE_BODY,
-    "gzip": RAW_SSE
+    "chunked gzip": RAW_SSE
     + b"content-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
     + _chunked(gzip.compress(SSE_BODY))
     + b"0\r\n\r\n",
+    # ...and this one through httpx either way
+    "content-length deflate": RAW_SSE
+    + b"content-encoding: deflate\r\ncontent-length: %d\r\n\r\n" % len(zlib.compress(SSE_BODY))
+    + zlib.compress(SSE_BODY),
 }
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 async def test_every_framing_streams_the_same_answer(
-    fake: FakeUpstream, client: AgentClient, framing: str, monkeypatch: pytest.MonkeyPatch
+    fake: FakeUpstream,
+    client: AgentClient,
+    framing: str,
+    lean_reads: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Head and whole body in one write: the first read holds both.
     body_through_h11 = 0
@@ -1014,16 +926,28 @@ async def test_every_framing_streams_the_same_answer(
     events = await collect(client)
     assert text_of(events) == "Hello"
     assert events[0] == ResponseStarted("resp_raw") and isinstance(events[-1], Completed)
-    assert (body_through_h11 == 0) == (framing.startswith(("chunked", "informational")))
+    tapped = lean_reads and framing.startswith(("chunked", "informational"))
+    assert (body_through_h11 == 0) == tapped
 
 
 @pytest.mark.parametrize(
-    ("broken", "error"),
-    [(b"zz\r\n", UpstreamProtocolError), (b"", UpstreamDisconnected)],  # bad size; EOF
+    ("broken", "lean_error", "plain_error"),
+    [
+        # A bad chunk size: our decoder calls it a protocol error; h11's error reaches
+        # us as httpx.RemoteProtocolError, the same type as a connection cut mid-body.
+        (b"zz\r\n", UpstreamProtocolError, UpstreamDisconnected),
+        (b"", UpstreamDisconnected, UpstreamDisconnected),  # EOF
+    ],
 )
 async def test_broken_chunked_framing_mid_stream_fails_the_stream(
-    fake: FakeUpstream, client: AgentClient, broken: bytes, error: type[UpstreamError]
+    fake: FakeUpstream,
+    client: AgentClient,
+    lean_reads: bool,
+    broken: bytes,
+    lean_error: type[UpstreamError],
+    plain_error: type[UpstreamError],
 ) -> None:
+    error = lean_error if lean_reads else plain_error
     events = text_response_events("resp_raw", "m", ["Hel", "lo"])
     first_delta = next(i for i, e in enumerate(events) if e["type"].endswith(".delta"))
     opening = b"".join(encode_sse(e) for e in events[: first_delta + 1])
@@ -1076,10 +1000,14 @@ async def _forwarding_proxy(client: trio.SocketStream, targets: list[str]) -> No
 
 
 async def test_a_proxy_set_in_the_environment_still_carries_the_requests(
-    fake: FakeUpstream, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    fake: FakeUpstream,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Our transport is mounted for all:// so that httpx's proxy mounts win over it;
-    # a proxied connection is not ours, and its body is read through httpx.
+    # A proxied connection is not ours: lean reads do not apply (and say so), and
+    # httpx's proxy transport carries the request.
+    caplog.set_level(logging.WARNING, logger="chat.upstream")
     targets: list[str] = []
     listeners = await nursery.start(
         partial(trio.serve_tcp, partial(_forwarding_proxy, targets=targets), 0, host="127.0.0.1")
@@ -1089,6 +1017,8 @@ async def test_a_proxy_set_in_the_environment_still_carries_the_requests(
         monkeypatch.delenv(name, raising=False)
     fake.enqueue(TextReply(["through ", "the proxy"]))
     agent = AgentClient(base_url=fake.base_url, api_key=None, model="m")
+    assert not agent.lean_reads_active
+    assert any("proxy" in r.getMessage() for r in caplog.records if r.name == "chat.upstream")
     try:
         assert text_of(await collect(agent)) == "through the proxy"
     finally:
@@ -1096,22 +1026,287 @@ async def test_a_proxy_set_in_the_environment_still_carries_the_requests(
     assert targets == [f"{fake.base_url}/responses"]
 
 
-async def test_a_burst_read_waiting_for_the_next_pass_keeps_its_data_when_cancelled(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+# --- compressed bodies: identity asked for, inflation bounded -----------------------------
+
+# A step of the event loop (one task running without a break) longer than this holds
+# every other session: no upstream, however hostile, may cause one.
+MAX_STEP_S = 0.05
+
+
+async def test_identity_is_the_only_content_coding_asked_for(
+    fake: FakeUpstream, client: AgentClient
 ) -> None:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    with trio.fail_after(IO_LIMIT_S):
-        stream = _LeanReadStream(await httpcore.TrioBackend().connect_tcp("127.0.0.1", port))
-        peer = await listeners[0].accept()
-    async with peer, listeners[0]:
-        burst = bytes(range(256)) * (BURST_READ_BYTES // 256 + 1)
-        await peer.send_all(burst)
-        monkeypatch.setattr(agent_client, "BURST_PASS_BUDGET_S", -1.0)  # every pass too old
-        with trio.move_on_after(0.05) as waited:
-            await stream.read(len(burst))
-        assert waited.cancelled_caught
-        monkeypatch.setattr(agent_client, "BURST_PASS_BUDGET_S", BURST_PASS_BUDGET_S)
-        with trio.fail_after(IO_LIMIT_S):
-            assert await stream.read(len(burst)) == burst
-        await stream.aclose()
+    await collect(client)
+    assert fake.requests[0].headers["accept-encoding"] == "identity"
+
+
+class _StepTimer(trio.abc.Instrument):
+    """The longest task step while installed: how long the loop ran one task at once."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self._began = time.perf_counter()  # installed by a running step: it counts from here
+        import gc
+        self.gc_s = 0.0
+        self._gc_began = 0.0
+        def cb(phase, info):
+            if phase == "start":
+                self._gc_began = time.perf_counter()
+            else:
+                self.gc_s += time.perf_counter() - self._gc_began
+        gc.callbacks.append(cb)
+        self.where = None
+        self.start_where = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._began = time.perf_counter()
+        self.gc_s = 0.0
+        self._sw = task.coro.cr_frame
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        took = time.perf_counter() - self._began
+        if took > self.longest_s:
+            import traceback
+            self.where = (task.name, self.gc_s, "".join(traceback.format_stack(task.coro.cr_frame)[-6:]) if task.coro.cr_frame else None, self._sw.f_lineno if self._sw else None, self._sw.f_code.co_name if self._sw else None)
+        self.longest_s = max(self.longest_s, time.perf_counter() - self._began)
+
+
+@cache
+def _gzip_bomb(comment: bytes, inflated_bytes: int) -> bytes:
+    """A gzip body: an answer's opening events, then SSE comments (``comment`` again and
+    again) for ``inflated_bytes``, and never a terminal event."""
+    opening = b"".join(encode_sse(e) for e in text_response_events("resp_bomb", "m", ["x"])[:2])
+    block = comment * (1024 * 1024 // len(comment))
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(opening)]
+    parts += [packer.compress(block) for _ in range(inflated_bytes // len(block))]
+    return b"".join(parts) + packer.flush()
+
+
+@dataclass
+class _CompressedReply:
+    """A body in a content coding, whatever the request asked for."""
+
+    body: bytes
+    coding: str = "gzip"
+    status: int = 200
+    content_type: str = "text/event-stream"
+
+    async def play(self, out: _Exchange) -> None:
+        await out.start(
+            self.status, {"content-type": self.content_type, "content-encoding": self.coding}
+        )
+        await out.send(self.body)
+        await out.end()
+
+
+@pytest.mark.parametrize(
+    ("comment", "limit_bytes"),
+    [
+        # The real limit, with comments that are cheap to parse...
+        (b":" + b"." * 1021 + b"\n\n", MAX_INFLATED_BODY_BYTES),
+        # ...and the costliest SSE there is (~0.2 s per MiB to parse), under a lower
+        # limit to keep the test short: the steps must stay short all the same.
+        (b":\n\n", 4 * 1024 * 1024),
+    ],
+    ids=["long-comments", "empty-comments"],
+)
+async def test_a_gzip_bomb_fails_the_turn_without_holding_the_event_loop(
+    fake: FakeUpstream,
+    client: AgentClient,
+    monkeypatch: pytest.MonkeyPatch,
+    comment: bytes,
+    limit_bytes: int,
+) -> None:
+    monkeypatch.setattr(agent_client, "MAX_INFLATED_BODY_BYTES", limit_bytes)
+    bomb = _gzip_bomb(comment, 2 * limit_bytes)
+    assert len(bomb) < limit_bytes // 100  # it is one: a hundredth of what it inflates to
+    fake.enqueue(_CompressedReply(bomb))
+    timer = _StepTimer()
+    trio.lowlevel.add_instrument(timer)
+    try:
+        with pytest.raises(UpstreamProtocolError, match="inflates past"):
+            await collect(client)
+    finally:
+        trio.lowlevel.remove_instrument(timer)
+    assert timer.longest_s < MAX_STEP_S, timer.where
+    assert len(fake.requests) == 1  # a protocol error is not retried
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
+async def test_a_recording_compressed_anyway_streams_to_the_same_outcome(
+    fake: FakeUpstream, client: AgentClient, path: Path
+) -> None:
+    expected = recording_oracle(path)
+    fake.enqueue(_CompressedReply(gzip.compress(await trio.Path(path).read_bytes())))
+    events = await collect(client)
+    assert text_of(events) == expected["text"]
+    assert [e for e in events if isinstance(e, ToolCall)] == expected["calls"]
+    assert events[-1].response_id == expected["response_id"]  # type: ignore[union-attr]
+
+
+async def test_a_content_coding_we_cannot_undo_is_a_protocol_error(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(_CompressedReply(SSE_BODY, coding="br"))
+    with pytest.raises(UpstreamProtocolError, match="'br'"):
+        await collect(client)
+    assert len(fake.requests) == 1
+
+
+async def test_an_error_body_that_is_a_gzip_bomb_is_read_only_in_part(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    bomb = _gzip_bomb(b":\n\n", 2 * MAX_INFLATED_BODY_BYTES)
+    fake.enqueue(_CompressedReply(bomb, status=400, content_type="application/json"))
+    timer = _StepTimer()
+    trio.lowlevel.add_instrument(timer)
+    try:
+        with pytest.raises(UpstreamRejected):
+            await collect(client)
+    finally:
+        trio.lowlevel.remove_instrument(timer)
+    assert timer.longest_s < MAX_STEP_S
+    assert len(fake.requests) == 1
+
+
+def test_content_decoder_inflates_in_bounded_pieces_made_one_by_one() -> None:
+    payload = bytes(range(256)) * 1024  # 256 KB
+    decoder = ContentDecoder("gzip", max_bytes=1024 * 1024, piece_bytes=1000)
+    pieces = decoder.feed(gzip.compress(payload))
+    first = next(iter(pieces))
+    assert len(first) == 1000
+    rest = list(pieces)
+    assert first + b"".join(rest) == payload
+    assert max(len(piece) for piece in rest) <= 1000
+
+
+def test_content_decoder_reads_gzip_members_in_turn_and_zlib_deflate() -> None:
+    gzip_decoder = ContentDecoder("gzip", max_bytes=100)
+    members = gzip.compress(b"one ") + gzip.compress(b"two")
+    cut = len(members) - 5
+    decoded = [*gzip_decoder.feed(members[:cut]), *gzip_decoder.feed(members[cut:])]
+    assert b"".join(decoded) == b"one two"
+    deflate_decoder = ContentDecoder("deflate", max_bytes=100)
+    assert b"".join(deflate_decoder.feed(zlib.compress(b"zlib") + b"after")) == b"zlib"
+    assert list(deflate_decoder.feed(b"more after the end")) == []
+
+
+def test_content_decoder_cuts_identity_to_size_and_never_counts_it() -> None:
+    decoder = ContentDecoder("identity", max_bytes=10, piece_bytes=4)
+    assert list(decoder.feed(b"0123456789abcdef")) == [b"0123", b"4567", b"89ab", b"cdef"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_content_decoder_rejects_what_is_not_its_coding_and_what_inflates_too_far(
+    coding: str,
+) -> None:
+    with pytest.raises(UpstreamProtocolError, match="not valid"):
+        list(ContentDecoder(coding, max_bytes=100).feed(b"plain text, not compressed"))
+    packed = gzip.compress(b"x" * 101) if coding == "gzip" else zlib.compress(b"x" * 101)
+    with pytest.raises(UpstreamProtocolError, match="inflates past 100"):
+        list(ContentDecoder(coding, max_bytes=100, piece_bytes=10).feed(packed))
+
+
+# --- JSON nested too deeply ------------------------------------------------------------------
+
+DEEP = "[" * 100_000  # json gives up with RecursionError, which is not a ValueError
+
+
+def test_decode_rejects_json_nested_too_deeply() -> None:
+    for data in (DEEP, '{"type":"response.output_text.delta","delta":' + DEEP):
+        with pytest.raises(UpstreamProtocolError, match="nested too deeply"):
+            decode_event(data)
+
+
+async def test_an_event_nested_too_deeply_is_a_protocol_error(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(GarbageReply(b"data: " + DEEP.encode() + b"\n\n", "text/event-stream"))
+    with pytest.raises(UpstreamProtocolError):
+        await collect(client)
+
+
+async def test_an_error_body_nested_too_deeply_is_still_a_rejection(
+    fake: FakeUpstream, client: AgentClient
+) -> None:
+    fake.enqueue(StatusReply(400, "[" * 60_000))
+    with pytest.raises(UpstreamRejected) as caught:
+        await collect(client)
+    assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "arguments", [DEEP, '{"a":' + "[" * 5_000 + "]" * 5_000 + "}"], ids=["array", "in-object"]
+)
+def test_arguments_nested_too_deeply_are_bad_arguments(arguments: str) -> None:
+    assert parse_arguments(arguments) is None  # the caller answers TOOL_BAD_ARGUMENTS_OUTPUT
+
+
+# --- request items -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "parsed"),
+    [
+        ("", {}),
+        ("  \n", {}),
+        ('{"q": "x", "n": [1]}', {"q": "x", "n": [1]}),
+        ("[1, 2]", None),
+        ('"text"', None),
+        ("{not json", None),
+    ],
+)
+def test_parse_arguments_gives_an_object_or_none(
+    arguments: str, parsed: dict[str, Any] | None
+) -> None:
+    assert parse_arguments(arguments) == parsed
+
+
+def test_stored_history_becomes_input_items_with_every_call_answered() -> None:
+    def row(role: str, content: str = "", **tool: str | None) -> StoredMessage:
+        return StoredMessage(
+            id=0, session_id="s", role=role, content=content, status=None, created_at="", **tool
+        )
+
+    history = [
+        row("user", "what time is it?"),
+        row("assistant", "Let me look."),
+        row("tool", name="get_client_time", call_id="c1", arguments='{"tz":"UTC"}', output="9"),
+        row("tool", name="get_page_context", call_id="c2"),  # no arguments, no output kept
+        row("tool", name="orphan"),  # no call id: nothing to answer
+        row("assistant", ""),  # a stopped turn that said nothing
+        row("user", "thanks"),
+    ]
+    assert input_items(history) == [
+        {"role": "user", "content": "what time is it?"},
+        assistant_item("Let me look."),
+        function_call_item("c1", "get_client_time", '{"tz":"UTC"}'),
+        function_output_item("c1", "9"),
+        {"type": "function_call", "call_id": "c2", "name": "get_page_context", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c2", "output": ""},
+        {"role": "user", "content": "thanks"},
+    ]
+
+
+# --- every recording, without a socket too ---------------------------------------------------
+
+
+def test_every_recording_the_readme_lists_is_tested() -> None:
+    readme = (RECORDINGS_DIR / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([^`]+\.sse)`", readme, flags=re.MULTILINE))
+    assert listed and listed == {path.name for path in RECORDINGS}
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
+def test_a_recording_decodes_to_its_outcome_without_a_socket(path: Path) -> None:
+    expected = recording_oracle(path)
+    parser = SSEParser(agent_client.MAX_SSE_EVENT_BYTES)
+    decoded = [decode_event(data) for data in parser.feed(path.read_bytes())]
+    events = [event for event in decoded if event is not None]
+    ends = [n for n, e in enumerate(events) if isinstance(e, Completed | Incomplete | Failed)]
+    events = events[: ends[0] + 1]  # a stream ends at its first terminal event
+    assert text_of(events) == expected["text"]
+    assert [e for e in events if isinstance(e, ToolCall)] == expected["calls"]
+    terminal_type = {"response.completed": Completed, "response.incomplete": Incomplete}
+    assert type(events[-1]) is terminal_type.get(expected["terminal"]["type"], Failed)

@@ -235,10 +235,10 @@ async def test_after_stop_next_turn_sends_partial_and_dropped_messages_as_contex
     assert len(fake.requests) == 3  # the queued turn was dropped, never sent upstream
 
 
-async def test_disconnect_mid_turn_closes_upstream_and_stores_interrupted(
+async def test_disconnect_mid_turn_without_grace_closes_upstream_and_stores_interrupted(
     start_server: StartServer, fake: FakeUpstream
 ) -> None:
-    server = await start_server()
+    server = await start_server(detach_grace_s=0)
     fake.enqueue(TextReply([f"w{n} " for n in range(200)], delay_s=0.05))
     async with open_chat(server, "vanish") as client:
         await client.send(type="message", content="go")

@@ -18,8 +18,9 @@ import pytest
 import trio
 import trio.testing
 
+from chat.pacing import PassGate
+from chat.ws_stream import ClientStream
 from conftest import CLIENT_WAIT_S
-from server import ClientStream, PassGate
 
 FRAME_BYTES = 1500  # more than the kernel takes whole once its buffers are nearly full
 MAX_FRAMES = 20_000  # bounds every fill loop

@@ -25,9 +25,10 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 import server as server_module
 from agent_client import encode_sse
+from chat.connection import ChatConnection
 from conftest import CLIENT_WAIT_S, open_chat, refusal, token_for, ws_url
 from fake_upstream import FakeUpstream, TextReply, _Exchange
-from server import ChatConnection, ChatServer
+from server import ChatServer
 
 StartServer = Callable[..., Awaitable[ChatServer]]
 
@@ -189,6 +190,12 @@ class _LongAnswerReply:
         await out.end()
 
 
+def _attached(server: ChatServer, session_id: str) -> ChatConnection:
+    live = server.live_session(session_id)
+    assert live is not None and live.attached is not None
+    return live.attached
+
+
 async def _handshake_small_window(port: int, session_id: str, user: str) -> trio.SocketStream:
     """A WebSocket handshake by hand over a socket with a tiny receive buffer; returns
     the stream once the 101 and the `connected` frame arrived. The caller then never
@@ -231,7 +238,7 @@ async def test_clients_that_drop_at_once_are_all_let_go_and_the_server_serves_on
     server = await start_server()
     assert server.port is not None
     streams = [await _handshake_small_window(server.port, f"d{n}", f"u{n}") for n in range(12)]
-    connections = [server._sessions[f"d{n}"] for n in range(12)]
+    connections = [_attached(server, f"d{n}") for n in range(12)]
     for stream in streams:
         stream.socket.close()  # all at once, no close frame: the clients just vanish
     with trio.fail_after(CLIENT_WAIT_S):
@@ -295,7 +302,10 @@ async def test_client_that_stops_reading_is_closed_1008_with_bounded_memory_and_
 ) -> None:
     # Each limit alone must end it: a small outbox with a patient send timeout, and a
     # huge outbox with a short send timeout.
-    server = await start_server(max_outbox_chars=max_outbox_chars, send_timeout_s=send_timeout_s)
+    # Without a grace, the dropped client's turn ends with it (the upstream is closed).
+    server = await start_server(
+        max_outbox_chars=max_outbox_chars, send_timeout_s=send_timeout_s, detach_grace_s=0
+    )
     assert server.port is not None
     # A fast upstream with a long answer: 40 000 deltas of 200 characters, 8 MB in all.
     fake.enqueue(_LongAnswerReply(lambda _: "x" * 199 + " ", 40_000))  # type: ignore[arg-type]
@@ -305,7 +315,7 @@ async def test_client_that_stops_reading_is_closed_1008_with_bounded_memory_and_
         tracemalloc.reset_peak()
         baseline_bytes, _ = tracemalloc.get_traced_memory()
         stuck = await _handshake_small_window(server.port, "stuck", "slow-user")
-        connection: ChatConnection = server._sessions["stuck"]
+        connection: ChatConnection = _attached(server, "stuck")
         await stuck.send_all(_masked_text_frame(json.dumps({"type": "message", "content": "go"})))
         with trio.fail_after(CLIENT_WAIT_S):
             await fake.wait_for_request(1)

@@ -10,8 +10,9 @@ import socket
 import trio
 import trio.testing
 
+from chat.pacing import ConnectionTimers, cap_io_events_per_pass
 from conftest import CLIENT_WAIT_S, open_chat, wait_for_connection_count
-from server import ChatServer, ConnectionTimers, cap_io_events_per_pass
+from server import ChatServer
 
 SOCKETS = 40  # more than the cap below, far fewer than a default fd limit
 VIRTUAL_LIMIT_S = 3600.0  # on the autojump clock: reached at once if a wake-up is lost

@@ -36,7 +36,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_process import PROJECT_DIR, SERVER_PY, base_env, server_process
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-import server as server_module
+from chat import ops, pacing
+from chat.ops import JsonLogFormatter, NonBlockingLogHandler
+from chat.settings import ConfigError, config_from_settings, resolve_settings
 from conftest import (
     API_KEY,
     CLIENT_WAIT_S,
@@ -47,18 +49,7 @@ from conftest import (
     token_for,
 )
 from fake_upstream import FakeUpstream, StatusReply, TextReply
-from server import (
-    ChatServer,
-    Config,
-    ConfigError,
-    JsonLogFormatter,
-    NonBlockingLogHandler,
-    _build_parser,
-    config_from_settings,
-    main,
-    resolve_settings,
-    run_server,
-)
+from server import ChatServer, Config, _build_parser, main, run_server
 
 StartServer = Callable[..., Awaitable[ChatServer]]
 MakeConfig = Callable[..., Config]
@@ -330,9 +321,10 @@ async def test_metrics_count_upstream_errors_by_kind_and_refusals_by_close_code(
         assert _value(after, name, **labels) - _value(before, name, **labels) == 1, name
 
 
-async def test_metrics_count_a_turn_interrupted_by_a_disconnect(
-    server: ChatServer, fake: FakeUpstream
+async def test_metrics_count_a_turn_interrupted_by_a_disconnect_without_grace(
+    start_server: StartServer, fake: FakeUpstream
 ) -> None:
+    server = await start_server(detach_grace_s=0)
     fake.enqueue(TextReply([f"w{n} " for n in range(100)], delay_s=0.05))
     async with httpx.AsyncClient() as http:
         before = await _scrape(http, server)
@@ -643,7 +635,7 @@ def test_a_stuck_stderr_blocks_no_log_call_and_drops_past_the_bound_are_reported
 def test_a_stderr_that_never_drains_holds_the_exit_for_a_bounded_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(server_module, "LOG_DRAIN_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ops, "LOG_DRAIN_TIMEOUT_S", 0.2)
     stream = _StuckStream()
     handler = NonBlockingLogHandler(logging.StreamHandler(stream), max_records=1)
     logger = _logger_to(handler, "test.never_drains")
@@ -693,7 +685,7 @@ def test_the_descriptor_table_is_grown_up_front_to_what_max_connections_needs() 
     if soft != resource.RLIM_INFINITY and soft < wanted:
         pytest.skip(f"RLIMIT_NOFILE {soft} is below {wanted}")
     open_before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
-    server_module._reserve_descriptor_table(max_connections)
+    pacing.reserve_descriptor_table(max_connections)
     assert _fd_table_size() >= wanted
     assert sorted(int(fd) for fd in os.listdir("/proc/self/fd")) == open_before
 

@@ -25,9 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocol
+from chat.http_front import MAX_REQUEST_HEAD_BYTES
+from chat.ops import JsonLogFormatter
 from conftest import API_KEY, CLIENT_WAIT_S, JWT_SECRET, open_chat, refusal, token_for
 from fake_upstream import FakeUpstream, GarbageReply, StatusReply
-from server import MAX_REQUEST_HEAD_BYTES, ChatServer, JsonLogFormatter
+from server import ChatServer
 
 StartServer = Callable[..., Awaitable[ChatServer]]
 AUDIENCE = "chat-api"

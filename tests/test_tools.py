@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import trio
 
+from agent_client import TOOL_CANCELLED_OUTPUT
+from chat.settings import ConfigError, load_tools
 from conftest import ChatClient, open_chat
 from fake_upstream import FakeUpstream, TextReply, ToolCallReply
-from server import TOOL_CANCELLED_OUTPUT, ChatServer, ConfigError, load_tools
+from server import ChatServer
 
 StartServer = Callable[..., Awaitable[ChatServer]]
 EXAMPLE_TOOLS = Path(__file__).resolve().parents[1] / "docs" / "tools.example.json"
@@ -228,9 +230,10 @@ async def test_stop_while_waiting_for_a_tool_and_next_context_stays_valid(
     ]
 
 
-async def test_disconnect_while_waiting_for_a_tool_stores_interrupted(
-    tool_server: ChatServer, fake: FakeUpstream
+async def test_disconnect_without_grace_while_waiting_for_a_tool_stores_interrupted(
+    start_server: StartServer, fake: FakeUpstream
 ) -> None:
+    tool_server = await start_server(tools=load_tools(str(EXAMPLE_TOOLS)), detach_grace_s=0)
     async with open_chat(tool_server, "tools-vanish") as client:
         await _waiting_for_tool(client, fake, "orphan")
         await client.ws._stream.aclose()

@@ -1,0 +1,1 @@
+"""The chat server's internal modules, one concern each (README, "How it is built")."""
