@@ -843,7 +843,8 @@ class AgentClient:
         return cast(AsyncGenerator[bytes, None], response.aiter_raw())
 
     async def _close(self, response: httpx.Response) -> None:
-        """Close ``response``, without leaving httpx's reference cycle when allowed to."""
+        """Close ``response``; unless lean_reads is off, without leaving httpx's reference
+        cycle for the garbage collector (``close_response``)."""
         if self._lean_reads:
             await close_response(response)
         else:
@@ -917,6 +918,7 @@ class AgentClient:
         except BodyFramingError as exc:
             raise UpstreamProtocolError(_redact(str(exc), self._api_key)) from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
+
 
 def _joined(deltas: list[TextDelta]) -> TextDelta:
     return deltas[0] if len(deltas) == 1 else TextDelta("".join(d.text for d in deltas))

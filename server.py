@@ -218,6 +218,10 @@ class ChatServer:
                 for connection in list(self._connections):
                     connection.close(wire.ServerShuttingDown())
                     await connection.finished.wait()
+            # Upgrades still in their handshake or admission: `_admit` refuses them with
+            # 1001; cancelling their handlers instead would cut them off with no close.
+            while self._websockets:
+                await self._count_changed.wait()
 
     async def end_session(self, session_id: str) -> None:
         """End a session's live side before it is deleted: its connection is closed
@@ -339,6 +343,7 @@ class ChatServer:
             log.info("websocket peer misbehaved while closing: %s", errors.exceptions[0])
         finally:
             self._websockets -= 1
+            self._notify_count()
 
     async def _run_session(
         self, ws: WebSocketConnection, stream: ClientStream, head: RequestHead, session_id: str
@@ -430,6 +435,16 @@ class ChatServer:
             self._release_user_slot(user_id)
             raise
         live = self._live.get(session_id)
+        previous = live.hand_over() if live is not None else None
+        if previous is not None:
+            # The older connection goes first (4009), so that the user's count and
+            # the registry never hold both.
+            with trio.move_on_after(FINAL_WRITE_TIMEOUT_S):
+                await previous.finished.wait()
+        # Looked up after that wait: a turn that ended during it, with nobody attached,
+        # let its LiveSession go. From here to `LiveSession.attach` (in
+        # `ChatConnection.run`) nothing awaits, so the session cannot go idle between.
+        live = self._live.get(session_id)
         if live is None:
             live = self._live[session_id] = LiveSession(
                 session_id,
@@ -439,12 +454,6 @@ class ChatServer:
                 timers=self.timers,
                 on_idle=self._forget_live_session,
             )
-        previous = live.hand_over()
-        if previous is not None:
-            # The older connection goes first (4009), so that the user's count and
-            # the registry never hold both.
-            with trio.move_on_after(FINAL_WRITE_TIMEOUT_S):
-                await previous.finished.wait()
         return ChatConnection(
             live,
             ws,

@@ -1,4 +1,10 @@
-"""Sessions and their history in SQLite: the only module that touches the database.
+"""Sessions and their history in SQLite: the only module that touches a SQLite database.
+
+`Store` is the API every store has, this module's `SessionStore` and
+`chat.postgres_store.PostgresStore` (instances on several hosts sharing PostgreSQL),
+with the same semantics; `open_store` picks one by `--db`. What does not depend on
+the SQL (default titles, list cursors and pages, the retention cutoff) is at the end
+of this module, under "shared logic", and both use it.
 
 Resource handling: one `SessionStore` owns two SQLite connections to one file in
 WAL mode, each used by one worker thread at a time through its own limiter of one
@@ -56,7 +62,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -77,7 +83,7 @@ DEFAULT_TITLE = "New chat"  # a session with no user message yet
 TITLE_MAX_CHARS = 60  # a default title, "…" included: one line of a session list
 # The part of the first user message read for its default title: its first line's
 # first TITLE_MAX_CHARS characters, with room for whitespace collapsed away.
-_TITLE_SOURCE_CHARS = 4 * TITLE_MAX_CHARS
+TITLE_SOURCE_CHARS = 4 * TITLE_MAX_CHARS
 # Sessions deleted per transaction by `delete_inactive`: a large purge takes the
 # write lock many times briefly, so live messages get their turns in between.
 _PURGE_BATCH_SESSIONS = 500
@@ -133,7 +139,7 @@ _SESSION_INFO = f"""
 SELECT s.id, s.title, s.created_at, s.updated_at,
     (SELECT COUNT(*) FROM messages AS m WHERE m.session_id = s.id),
     CASE WHEN s.title IS NULL THEN
-        (SELECT substr(ltrim(m.content, char(9, 10, 13, 32)), 1, {_TITLE_SOURCE_CHARS})
+        (SELECT substr(ltrim(m.content, char(9, 10, 13, 32)), 1, {TITLE_SOURCE_CHARS})
          FROM messages AS m WHERE m.session_id = s.id AND m.role = 'user'
          ORDER BY m.anchor, m.id LIMIT 1)
     END,
@@ -141,7 +147,7 @@ SELECT s.id, s.title, s.created_at, s.updated_at,
      ORDER BY m.anchor DESC, m.id DESC LIMIT 1)
 FROM sessions AS s
 """
-_SESSION_DELETED = "This conversation was deleted; nothing was saved."
+SESSION_DELETED_MESSAGE = "This conversation was deleted; nothing was saved."
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +213,81 @@ class SessionInfo:
     updated_at: str
     message_count: int
     last_status: str | None
+
+
+POSTGRES_URL_SCHEMES = ("postgresql://", "postgres://")  # what libpq takes as a URL
+
+
+class Store(Protocol):
+    """The public API of a session store, which `SessionStore` (SQLite, this module) and
+    `chat.postgres_store.PostgresStore` (PostgreSQL) share, with the same semantics:
+    the same dataclasses, the same errors (`DuplicateMessage`, `StorageUnavailable`,
+    ValueError for a bad list request or age), the same order, chain point, titles,
+    cursors and retention. The server holds one through this type; `open_store`
+    picks which."""
+
+    # Called with the seconds each write transaction took (a metric), when set.
+    write_observer: Callable[[float], None] | None
+
+    async def aclose(self) -> None: ...
+    async def healthy(self) -> bool: ...
+    async def integrity_check(self) -> str: ...
+    async def claim_session(self, session_id: str, user_id: str) -> SessionClaim: ...
+    async def add_user_message(
+        self,
+        session_id: str,
+        content: str,
+        *,
+        client_message_id: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> StoredMessage: ...
+    async def finish_turn(
+        self,
+        session_id: str,
+        *,
+        reply_to: int,
+        turn_id: str,
+        content: str,
+        status: TurnStatus,
+        response_id: str | None,
+        tool_calls: list[ToolCallRecord],
+    ) -> int: ...
+    async def history(self, session_id: str, limit: int) -> list[StoredMessage]: ...
+    async def full_history(
+        self, session_id: str, *, up_to: int | None = None
+    ) -> list[StoredMessage]: ...
+    async def chain_point(self, session_id: str, *, up_to: int | None = None) -> ChainPoint: ...
+    async def list_sessions(
+        self, owner_id: str, limit: int, cursor: str | None = None
+    ) -> tuple[list[SessionInfo], str | None]: ...
+    async def get_session(self, owner_id: str, session_id: str) -> SessionInfo | None: ...
+    async def rename_session(
+        self, owner_id: str, session_id: str, title: str
+    ) -> SessionInfo | None: ...
+    async def delete_session(self, owner_id: str, session_id: str) -> bool: ...
+    async def export_session(
+        self, owner_id: str, session_id: str
+    ) -> tuple[SessionInfo, list[StoredMessage]] | None: ...
+    async def delete_inactive(self, older_than_s: float) -> list[str]: ...
+
+
+def is_postgres_url(db: str | Path) -> bool:
+    """Whether `--db` names a PostgreSQL database rather than a SQLite file."""
+    return isinstance(db, str) and db.startswith(POSTGRES_URL_SCHEMES)
+
+
+async def open_store(db: str | Path) -> Store:
+    """Open the store `--db` names: a `postgresql://` (or `postgres://`) URL opens a
+    `PostgresStore`, anything else a `SessionStore` on that SQLite file (or
+    ":memory:"). Raises what their `open` raises: sqlite3.Error for a file that cannot
+    be opened; StorageUnavailable for a PostgreSQL database that cannot be reached or
+    migrated, ValueError for a malformed URL."""
+    if is_postgres_url(db):
+        # Imported here: psycopg is loaded only by a server that uses PostgreSQL.
+        from chat.postgres_store import PostgresStore
+
+        return await PostgresStore.open(str(db))
+    return await SessionStore.open(db)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,9 +477,7 @@ class SessionStore:
         that becomes active meanwhile moves to the front and is not repeated (read
         from the first page to see it). Raises ValueError for `limit` below 1 or a
         malformed cursor."""
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        after = _decode_cursor(cursor) if cursor is not None else None
+        after = list_position(limit, cursor)
 
         def read(db: sqlite3.Connection) -> list[SessionInfo]:
             where, parameters = "s.owner = ?", [owner_id]
@@ -409,13 +488,9 @@ class SessionStore:
                 f"{_SESSION_INFO} WHERE {where} ORDER BY s.updated_at DESC, s.id DESC LIMIT ?",
                 (*parameters, limit + 1),  # one more than asked: is there a next page?
             ).fetchall()
-            return [_session_info(row) for row in rows]
+            return [session_info_from_row(row) for row in rows]
 
-        sessions = await self._read(read)
-        if len(sessions) <= limit:
-            return sessions, None
-        page = sessions[:limit]
-        return page, _encode_cursor(page[-1])
+        return split_page(await self._read(read), limit)
 
     async def get_session(self, owner_id: str, session_id: str) -> SessionInfo | None:
         """The session, or None when it does not exist or another user owns it."""
@@ -473,9 +548,7 @@ class SessionStore:
         _PURGE_BATCH_SESSIONS sessions, one transaction each: a session is deleted whole
         or not at all, and other writes go on between batches. Raises ValueError for a
         negative age (it would delete sessions active right now)."""
-        if older_than_s < 0:
-            raise ValueError("older_than_s must not be negative")
-        cutoff = utc_timestamp(datetime.now(UTC) - timedelta(seconds=older_than_s))
+        cutoff = inactive_cutoff(older_than_s)
 
         def purge_batch(db: sqlite3.Connection) -> list[str]:
             # Selected inside the deleting transaction: a session that became active
@@ -529,7 +602,7 @@ class SessionStore:
             if error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE":  # messages_client_id
                 raise DuplicateMessage() from None
             # The foreign key: the session row is gone.
-            raise StorageUnavailable(_SESSION_DELETED) from None
+            raise StorageUnavailable(SESSION_DELETED_MESSAGE) from None
         return StoredMessage(
             id=row_id,
             session_id=session_id,
@@ -565,7 +638,7 @@ class SessionStore:
                 "SELECT 1 FROM messages WHERE id = ? AND session_id = ?", (reply_to, session_id)
             ).fetchone()
             if question is None:
-                raise StorageUnavailable(_SESSION_DELETED)
+                raise StorageUnavailable(SESSION_DELETED_MESSAGE)
             db.executemany(
                 "INSERT INTO messages (session_id, role, anchor, content, status, created_at,"
                 " turn_id, name, call_id, arguments, output)"
@@ -697,7 +770,7 @@ def _owned_session(db: sqlite3.Connection, owner_id: str, session_id: str) -> Se
     row = db.execute(
         f"{_SESSION_INFO} WHERE s.id = ? AND s.owner = ?", (session_id, owner_id)
     ).fetchone()
-    return _session_info(row) if row is not None else None
+    return session_info_from_row(row) if row is not None else None
 
 
 def _conversation(db: sqlite3.Connection, session_id: str, last_anchor: int) -> list[StoredMessage]:
@@ -708,11 +781,24 @@ def _conversation(db: sqlite3.Connection, session_id: str, last_anchor: int) -> 
     return [StoredMessage(*row) for row in rows]
 
 
-def _session_info(row: tuple[Any, ...]) -> SessionInfo:
+def _row_id(cursor: sqlite3.Cursor) -> int:
+    assert cursor.lastrowid is not None  # an INSERT always sets it
+    return cursor.lastrowid
+
+
+# ====================================================================== shared logic
+# What every store does the same way whatever its SQL (chat.postgres_store imports it).
+
+
+def session_info_from_row(row: tuple[Any, ...]) -> SessionInfo:
+    """A SessionInfo from a row of the session query: (id, title, created_at,
+    updated_at, message count, the start of the first user message (at most
+    TITLE_SOURCE_CHARS characters, leading whitespace trimmed; None when titled or
+    there is none), the status of the last assistant message)."""
     session_id, title, created_at, updated_at, message_count, first_words, last_status = row
     return SessionInfo(
         id=session_id,
-        title=title if title is not None else _default_title(first_words),
+        title=title if title is not None else default_title(first_words),
         created_at=created_at,
         updated_at=updated_at,
         message_count=message_count,
@@ -720,7 +806,7 @@ def _session_info(row: tuple[Any, ...]) -> SessionInfo:
     )
 
 
-def _default_title(first_message: str | None) -> str:
+def default_title(first_message: str | None) -> str:
     """The title of a session nobody named: the first line of its first user message,
     whitespace collapsed, cut to TITLE_MAX_CHARS characters with "…" (at a word
     boundary when one is near); DEFAULT_TITLE when there is no such message or it is
@@ -740,15 +826,15 @@ def _default_title(first_message: str | None) -> str:
     return cut.rstrip() + "…"
 
 
-def _encode_cursor(last: SessionInfo) -> str:
+def encode_cursor(last: SessionInfo) -> str:
     """The opaque position after `last` in list order: base64url of JSON, because
     clients must pass it back, not parse it."""
     position = json.dumps([last.updated_at, last.id]).encode()
     return base64.urlsafe_b64encode(position).decode("ascii").rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[str, str]:
-    """The (updated_at, id) a cursor of `_encode_cursor` holds. Raises ValueError."""
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The (updated_at, id) a cursor of `encode_cursor` holds. Raises ValueError."""
     try:
         text = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
         position = json.loads(text)
@@ -760,9 +846,31 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
     raise ValueError("malformed cursor")
 
 
-def _row_id(cursor: sqlite3.Cursor) -> int:
-    assert cursor.lastrowid is not None  # an INSERT always sets it
-    return cursor.lastrowid
+def list_position(limit: int, cursor: str | None) -> tuple[str, str] | None:
+    """Check a `list_sessions` request and return the (updated_at, id) its page starts
+    after (None: from the first). Raises ValueError for `limit` below 1 or a malformed
+    cursor."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    return decode_cursor(cursor) if cursor is not None else None
+
+
+def split_page(sessions: list[SessionInfo], limit: int) -> tuple[list[SessionInfo], str | None]:
+    """The page and the next page's cursor, from up to `limit + 1` sessions in list
+    order (one more than asked tells whether there is a next page)."""
+    if len(sessions) <= limit:
+        return sessions, None
+    page = sessions[:limit]
+    return page, encode_cursor(page[-1])
+
+
+def inactive_cutoff(older_than_s: float) -> str:
+    """The timestamp before which a session's last activity makes it older than
+    `older_than_s` seconds. Raises ValueError for a negative age (it would delete
+    sessions active right now)."""
+    if older_than_s < 0:
+        raise ValueError("older_than_s must not be negative")
+    return utc_timestamp(datetime.now(UTC) - timedelta(seconds=older_than_s))
 
 
 def backup_database(source: str | Path, destination: str | Path) -> None:

@@ -191,23 +191,25 @@ class ChatConnection:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        connected = wire.Connected(
+            session_id=self.session_id,
+            user_id=self.user_id,
+            timestamp=wire.utc_timestamp(),
+            resumed=self.resumed,
+            history_length=self.history_length,
+        )
         try:
+            # Written before anything can close the connection: every admitted client
+            # learns it was admitted, even one taken over at once by a racing twin.
+            if not await self._send(connected):
+                return
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self._close_error is not None:  # closed (taken over) before it started
                     nursery.cancel_scope.cancel()
-                self.send(
-                    wire.Connected(
-                        session_id=self.session_id,
-                        user_id=self.user_id,
-                        timestamp=wire.utc_timestamp(),
-                        resumed=self.resumed,
-                        history_length=self.history_length,
-                    )
-                )
-                # After `connected`, in the same step: the running turn's replay, then
-                # every live frame of the session (the hand-over point).
-                if self._close_error is None:
+                else:
+                    # The hand-over point: the running turn's replay is queued, and
+                    # every later frame of the session comes here.
                     self.live.attach(self)
                 # An idle connection is these two tasks (plus trio-websocket's reader);
                 # the sender exists only while it has work: tasks are most of the

@@ -120,6 +120,10 @@ class LiveSession:
         if not self.has_work:
             self._on_idle(self)
             return
+        if self._work is not None and self._work.cancel_called and not self.queue:
+            # Its work is being ended already (shutdown, deletion): no grace to wait
+            # out; the turns task lets the session go when its turn is stored.
+            return
         grace_s = self.services.config.detach_grace_s
         log.info(
             "session %s: detached with a turn %s (grace %g s)",
@@ -137,6 +141,11 @@ class LiveSession:
     async def _wait_out_grace(self, grace: trio.CancelScope, until: float) -> None:
         with grace:
             await self._timers.sleep_until(until)
+            if grace.cancel_called:
+                # Due, but an attach (or the turn's end) came in the same pass of the
+                # loop, before this task ran again: the cancel lands at the next
+                # checkpoint only, and there is none before `_expire`.
+                return
             self._grace = None
             self.services.metrics.detached_sessions.dec()
             self.services.metrics.detach_grace_expiries.inc()
@@ -144,7 +153,11 @@ class LiveSession:
             self._expire()
 
     def _expire(self) -> None:
+        """Cancel the work: the running turn is stored `interrupted` and sends no more
+        frames (no response_end), so from now on an attach gets no replay of it; the
+        queued turns are dropped (their messages stay as context)."""
         self.queue.clear()
+        self.turn = None
         if self._work is not None:
             self._work.cancel()
 
@@ -176,6 +189,12 @@ class LiveSession:
 
     def answer_tool(self, frame: wire.ToolResponse) -> None:
         answer_tool_call(self.turn, frame)
+
+    async def wait_until_idle(self) -> None:
+        """Return once no turn runs or waits, the last one stored (callers bound the
+        wait)."""
+        while self.has_work:
+            await self._ended.wait()
 
     async def end(self, *, timeout_s: float) -> None:
         """Cancel the work (stored `interrupted`) and wait for it, up to timeout_s."""

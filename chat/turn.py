@@ -131,10 +131,6 @@ class TurnHost(Protocol):
     def send_delta(self, turn_id: str, text: str) -> None: ...
 
 
-class _TurnFailed(Exception):
-    """The upstream ended the turn with an error event (after retries, or mid-stream)."""
-
-
 async def run_turn(
     host: TurnHost, services: TurnServices, queued: QueuedTurn, turn: TurnState
 ) -> None:
@@ -148,8 +144,8 @@ async def run_turn(
         with queued.scope as scope:
             try:
                 await conversation.converse()
-            except (UpstreamError, _TurnFailed) as exc:
-                kind = exc.kind if isinstance(exc, UpstreamError) else "error_event"
+            except UpstreamError as exc:
+                kind = exc.kind
                 services.metrics.upstream_errors.labels(kind).inc()
                 log.warning("session %s: upstream failed (%s): %s", host.session_id, kind, exc)
                 turn.status = "failed"
@@ -245,7 +241,7 @@ class _Conversation:
 
     async def converse(self) -> None:
         """Stream upstream responses until the model is done, answering tool calls
-        between rounds. Raises UpstreamError or _TurnFailed."""
+        between rounds. Raises UpstreamError."""
         turn = self._turn
         request = await self._first_request()
         while True:
@@ -345,7 +341,8 @@ class _Conversation:
             turn.status = "incomplete"
         elif isinstance(event, Failed):
             turn.response_id = event.response_id or turn.response_id
-            raise _TurnFailed(f"upstream error {event.code or 'unknown'}")
+            # The upstream's own error event: the same failure as any other upstream one.
+            raise UpstreamError(f"upstream error {event.code or 'unknown'}", kind="error_event")
 
     async def _resolve_tool_calls(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
         """Send a tool_request per call and wait (up to --tool-timeout) for the answers.

@@ -22,9 +22,10 @@ What it buys (bench/README.md; 2-core VM, plain-HTTP upstream, Python 3.11):
 * No cyclic garbage per turn (session 1): with full collections made rare, a cycle
   per response would otherwise hold its memory until the next full collection.
 
-What it relies on (tested with httpx 0.28.1, httpcore 1.0.9, h11 0.16.0; ``self_check``
-refuses other series, and tests/test_upstream_transport.py fails when one of these
-stops holding on the installed versions):
+What it relies on, tested with httpx 0.28.1, httpcore 1.0.9 and h11 0.16.0. At startup
+(each ``AgentClient``) ``self_check`` refuses other series (``TESTED_SERIES``) and checks
+3 without a connection, and ``LeanReadTransport`` checks 1; tests/test_upstream_transport.py
+checks all four over a loopback socket and fails when one stops holding:
 
 1. httpx: ``AsyncHTTPTransport`` keeps its httpcore pool in the private attribute
    ``_pool``, an ``httpcore.AsyncConnectionPool``; it is rebuilt here with the same
@@ -455,7 +456,10 @@ async def _tapped_body(
         if not raw:
             raise httpx.RemoteProtocolError("upstream closed the connection inside a chunked body")
     stream.give_back(decoder.rest)
-    await response.aread()  # nothing but the end of the message is left
+    # Nothing but the end of the message is left; reading it raw leaves httpx's content
+    # decoders out (the caller undoes the content coding).
+    async for _ in response.aiter_raw():
+        pass
 
 
 async def close_response(response: httpx.Response) -> None:

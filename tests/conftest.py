@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -125,6 +126,8 @@ def make_config(tmp_path: Path, fake: FakeUpstream) -> Callable[..., Config]:
             "model": "test-model",
             "instructions": "You are a test agent.",
             "shutdown_grace_s": 2.0,
+            # `make test` runs the core tests a second time with the fast paths off.
+            "fast_paths": os.environ.get("CHAT_FAST_PATHS", "1") != "0",
         }
         settings.update(overrides)
         return Config(**settings)
@@ -170,13 +173,6 @@ async def open_chat(
             assert frame["type"] == "connected", frame
             client.connected = frame  # type: ignore[attr-defined]
         yield client
-
-
-async def wait_for_connection_count(server: ChatServer, count: int) -> None:
-    """Until the server counts `count` connections. It exposes no event for "a
-    connection left", only the count: this polls it. Callers bound it with fail_after."""
-    while server.connection_count != count:  # noqa: ASYNC110
-        await trio.sleep(0.05)
 
 
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:

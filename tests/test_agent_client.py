@@ -1041,34 +1041,19 @@ async def test_identity_is_the_only_content_coding_asked_for(
 
 
 class _StepTimer(trio.abc.Instrument):
-    """The longest task step while installed: how long the loop ran one task at once."""
+    """The longest task step while installed, in CPU time of the loop's thread: how long
+    one task held the loop (on a busy machine the process is also descheduled within a
+    step; that wall time is not the step's doing)."""
 
     def __init__(self) -> None:
         self.longest_s = 0.0
-        self._began = time.perf_counter()  # installed by a running step: it counts from here
-        import gc
-        self.gc_s = 0.0
-        self._gc_began = 0.0
-        def cb(phase, info):
-            if phase == "start":
-                self._gc_began = time.perf_counter()
-            else:
-                self.gc_s += time.perf_counter() - self._gc_began
-        gc.callbacks.append(cb)
-        self.where = None
-        self.start_where = None
+        self._began_s = time.thread_time()  # installed by a running step: counts from here
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._began = time.perf_counter()
-        self.gc_s = 0.0
-        self._sw = task.coro.cr_frame
+        self._began_s = time.thread_time()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        took = time.perf_counter() - self._began
-        if took > self.longest_s:
-            import traceback
-            self.where = (task.name, self.gc_s, "".join(traceback.format_stack(task.coro.cr_frame)[-6:]) if task.coro.cr_frame else None, self._sw.f_lineno if self._sw else None, self._sw.f_code.co_name if self._sw else None)
-        self.longest_s = max(self.longest_s, time.perf_counter() - self._began)
+        self.longest_s = max(self.longest_s, time.thread_time() - self._began_s)
 
 
 @cache
@@ -1129,7 +1114,7 @@ async def test_a_gzip_bomb_fails_the_turn_without_holding_the_event_loop(
             await collect(client)
     finally:
         trio.lowlevel.remove_instrument(timer)
-    assert timer.longest_s < MAX_STEP_S, timer.where
+    assert timer.longest_s < MAX_STEP_S
     assert len(fake.requests) == 1  # a protocol error is not retried
 
 
@@ -1142,7 +1127,9 @@ async def test_a_recording_compressed_anyway_streams_to_the_same_outcome(
     events = await collect(client)
     assert text_of(events) == expected["text"]
     assert [e for e in events if isinstance(e, ToolCall)] == expected["calls"]
-    assert events[-1].response_id == expected["response_id"]  # type: ignore[union-attr]
+    last = events[-1]
+    assert isinstance(last, Completed | Incomplete | Failed)
+    assert last.response_id == expected["response_id"]
 
 
 async def test_a_content_coding_we_cannot_undo_is_a_protocol_error(

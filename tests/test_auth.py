@@ -347,7 +347,7 @@ async def test_second_connection_takes_over_old_gets_4009_and_the_turn_goes_on_f
     fake.enqueue(TextReply(chunks, delay_s=0.01))
     async with open_chat(server, "s-take", "alice") as old:
         await old.send(type="message", content="talk a lot", id="m1")
-        await old.receive_until("text_delta")
+        seen = await old.receive_until("text_delta")
         async with open_chat(server, "s-take", "alice") as new:
             assert new.connected["resumed"] is True  # type: ignore[attr-defined]
             assert await old.closed_code() == 4009
@@ -357,6 +357,11 @@ async def test_second_connection_takes_over_old_gets_4009_and_the_turn_goes_on_f
             assert server.connection_count == 1
     assert [f["type"] for f in frames[:2]] == ["typing", "response_start"]
     assert frames[1]["resumed"] is True and frames[1]["message_id"] == "m1"
+    old_start = next(f for f in seen if f["type"] == "response_start")
+    assert frames[1]["turn_id"] == old_start["turn_id"]  # the same turn, replayed
+    # One delta with all of the text so far (at least what the old connection saw).
+    assert frames[2]["type"] == "text_delta"
+    assert frames[2]["content"].startswith(seen[-1]["content"])
     deltas = "".join(f["content"] for f in frames if f["type"] == "text_delta")
     end = next(f for f in frames if f["type"] == "response_end")
     assert deltas == end["full_content"] == "".join(chunks)
@@ -375,21 +380,25 @@ async def test_simultaneous_connections_of_one_user_leave_exactly_one_open(
     registers last takes the session over, the other is closed with 4009."""
     codes: list[int | None] = []
     clients: list[ChatClient] = []
-    three_closed = trio.Event()
+    settled = trio.Event()  # three closed, and the fourth has its `connected`
+
+    def check() -> None:
+        if len(codes) == 3 and len(clients) == 1:
+            settled.set()
 
     async def connect_and_wait() -> None:
         async with open_chat(server, "s-race", "alice") as client:
             clients.append(client)
+            check()
             codes.append(await client.closed_code())
             clients.remove(client)
-            if len(codes) == 3:
-                three_closed.set()
+            check()
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for _ in range(4):
                 nursery.start_soon(connect_and_wait)
-            await three_closed.wait()
+            await settled.wait()
             [survivor] = clients
             await survivor.ws.send_message('{"type": "ping"}')
             nursery.cancel_scope.cancel()

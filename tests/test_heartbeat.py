@@ -22,7 +22,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from conftest import CLIENT_WAIT_S, open_chat, token_for, wait_for_connection_count
+from conftest import CLIENT_WAIT_S, open_chat, token_for
 from server import ChatServer
 
 StartServer = Callable[..., Awaitable[ChatServer]]
@@ -98,11 +98,11 @@ async def test_silent_peer_is_closed_and_freed_within_interval_plus_timeout(
     peer = await RawPeer.connect(server, "hb-silent")
     async with peer.stream:
         with trio.fail_after(CLIENT_WAIT_S):
-            await wait_for_connection_count(server, 1)
+            await server.wait_for_connection_count(1)
         admitted_at = trio.current_time()
         # From here on the peer neither reads nor sends.
         with trio.fail_after(INTERVAL_S + TIMEOUT_S + MARGIN_S):
-            await wait_for_connection_count(server, 0)
+            await server.wait_for_connection_count(0)
         freed_after_s = trio.current_time() - admitted_at
         assert freed_after_s >= INTERVAL_S + TIMEOUT_S - 0.05
         # Now read what was sent: pings of both kinds, then the end of the TCP stream.
@@ -144,4 +144,4 @@ async def test_peer_that_only_sends_json_pongs_stays_connected(
                 assert await peer.read_some(), "the server closed the stream"
         await peer.send(CloseConnection(code=1000))
     with trio.fail_after(CLIENT_WAIT_S):
-        await wait_for_connection_count(server, 0)
+        await server.wait_for_connection_count(0)

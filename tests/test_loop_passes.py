@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from chat.pacing import ConnectionTimers, cap_io_events_per_pass
-from conftest import CLIENT_WAIT_S, open_chat, wait_for_connection_count
+from conftest import CLIENT_WAIT_S, open_chat
 from server import ChatServer
 
 SOCKETS = 40  # more than the cap below, far fewer than a default fd limit
@@ -159,5 +159,5 @@ async def test_an_idle_connection_waits_on_the_server_timers(server: ChatServer)
         # Each idle connection's heartbeat waits here, none on a trio deadline of its own.
         assert len(server.timers) == 2
     with trio.fail_after(CLIENT_WAIT_S):
-        await wait_for_connection_count(server, 0)
+        await server.wait_for_connection_count(0)
     assert len(server.timers) == 0

@@ -10,7 +10,7 @@
 // be delivered (too large, refused) is marked "not sent" and its text given back; it is
 // never re-sent by itself.
 
-import { MarkdownStream, renderMarkdown } from "/web/markdown.js";
+import { MarkdownStream } from "/web/markdown.js";
 import {
   assistantMessage,
   clearTurnError,
@@ -470,6 +470,7 @@ function onResponseStart(frame) {
   state.stopping = false;
   keepAtEnd();
   updateControls();
+  conversations.refresh(); // the list shows it running
 }
 
 /** The turn of message `id` started: it is no longer waiting (nor stranded). */

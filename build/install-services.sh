@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install the servers the tests of several instances start for themselves: PostgreSQL
+# (tests/test_postgres_store.py runs initdb, pg_ctl and postgres from Debian's
+# /usr/lib/postgresql/N/bin on a loopback port of its own) and Redis (redis-server).
+# Via apt-get; idempotent: installs only what is missing, starts nothing. CI runs this
+# as root; elsewhere it uses sudo when it is available. Without them those tests are
+# skipped, except under CI=true, where they fail.
+set -euo pipefail
+
+missing=()
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && ! command -v postgres >/dev/null 2>&1; then
+    missing+=(postgresql)
+fi
+if ! command -v redis-server >/dev/null 2>&1; then
+    missing+=(redis-server)
+fi
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "services already installed: $(compgen -G '/usr/lib/postgresql/*/bin/postgres' | tail -n 1 || command -v postgres), $(command -v redis-server)"
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO="sudo"
+    else
+        echo "install-services: need root (or sudo) to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq "${missing[@]}"
+compgen -G "/usr/lib/postgresql/*/bin/postgres" | tail -n 1
+command -v redis-server

@@ -1,0 +1,870 @@
+"""Sessions and their history in PostgreSQL: the only module that touches a PostgreSQL
+database. Instances on several hosts share one with `--db postgresql://...`.
+
+`PostgresStore` has `store.Store`'s API with `store.SessionStore`'s semantics: the
+same dataclasses, errors, `(anchor, id)` order, chain point, titles, cursors and
+retention (see store.py's docstring; the logic that needs no SQL is imported from
+there). Only what PostgreSQL does differently is described here.
+
+Resource handling: psycopg's async API runs on asyncio only, so the store uses the
+sync `psycopg.Connection` in worker threads, as store.py does with sqlite3. It holds
+three connections, each used by one thread at a time through its own limiter of one:
+
+- the *writer* runs every write, one transaction per public method (READ COMMITTED,
+  the isolation the concurrency rules below are written for);
+- the *reader* runs every read, each in one REPEATABLE READ READ ONLY transaction, so
+  a read sees one snapshot; under MVCC it never waits for a writer;
+- the *probe* runs `healthy()`'s `SELECT 1`, so a health check never queues behind
+  a slow read or write.
+
+Two connections and not a pool (psycopg_pool): the store's callers already meet at
+one writer and one reader as with SQLite, a pool's background threads and reconnect
+backoff would add waits this module does not bound itself, and three connections per
+instance keep many instances within PostgreSQL's `max_connections` (100 by default).
+
+Reconnection: a connection is opened on first use and again after it broke (the
+server restarted, the network dropped), but not more often than once per
+RECONNECT_BACKOFF_S: while the database is down, a queue of writes fails at once
+instead of each waiting for its own connect timeout. A connection the server closed
+while it sat idle is replaced at once and the transaction begun again: nothing of it
+had run.
+
+Time: every wait is bounded below the server's 10 s handshake and 20 s send timeouts.
+Connecting by CONNECT_TIMEOUT_S; each statement by STATEMENT_TIMEOUT_S and each lock
+wait by LOCK_TIMEOUT_S (both set at connect); a silent network by TCP keepalives and
+TCP_USER_TIMEOUT_S; a transaction left idle by a stuck process is ended by the server
+after IDLE_IN_TRANSACTION_TIMEOUT_S; `healthy()` answers within HEALTH_TIMEOUT_S.
+
+Concurrency (several instances write at once, where SQLite's write lock would let one
+at a time): a claim inserts with ON CONFLICT DO NOTHING, so of two instances creating
+one session one creates it and the other resumes it. A message insert holds a key
+share lock on its session row (the foreign key) and a turn locks its question, so a
+deletion (`ON DELETE CASCADE` from the session row) waits for them, or they find the
+session gone. Retention skips sessions locked by a write in progress: they are active.
+
+Text: PostgreSQL's text cannot hold U+0000, which SQLite stores and a client may send.
+Every string goes in and comes out through `_EscapingStr*` adapters that write U+0000
+as U+FFFF "0" and U+FFFF as U+FFFF "1" (a noncharacter; nothing else changes), so
+every text round-trips and ordinary text is stored as it is. Timestamps are the same
+fixed-width strings as in SQLite, and ids, timestamps and owners use the "C" collation,
+so they compare and sort bytewise as in SQLite whatever the database's locale.
+
+Schema: created or migrated at `open`, in one transaction under a transaction-scoped
+advisory lock, so several instances may start at once; `chat_schema_migrations` holds
+the versions applied. A database migrated by a newer server is refused.
+
+Error handling: a duplicate client message id raises `protocol.DuplicateMessage`; a
+database that cannot be reached, refuses, times out or is locked for too long raises
+`protocol.StorageUnavailable`, as does a write into a session deleted meanwhile. No
+psycopg exception escapes. Messages in logs and errors never hold the URL's password.
+
+Durability: a commit returns once PostgreSQL has it (its own `synchronous_commit`,
+on by default); a killed instance, or a crashed database server, loses nothing that
+was committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+import trio
+from psycopg.adapt import Buffer
+from psycopg.rows import TupleRow
+from psycopg.types.string import (
+    StrBinaryDumper,
+    StrDumper,
+    StrDumperUnknown,
+    TextBinaryLoader,
+    TextLoader,
+)
+
+from protocol import DuplicateMessage, StorageUnavailable, TurnStatus, utc_timestamp
+from store import (
+    BUSY_TIMEOUT_S,
+    SESSION_DELETED_MESSAGE,
+    TITLE_SOURCE_CHARS,
+    ChainPoint,
+    SessionClaim,
+    SessionInfo,
+    StoredMessage,
+    ToolCallRecord,
+    inactive_cutoff,
+    list_position,
+    session_info_from_row,
+    split_page,
+)
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_Connection = psycopg.Connection[TupleRow]
+
+# libpq counts whole seconds and takes at least 2. A database that does not answer a
+# connect within this is down for this request's purposes.
+CONNECT_TIMEOUT_S = 3
+# How long a write waits for a row or table lock another transaction holds (another
+# instance writing the same session, an operator's LOCK): as SQLite's busy timeout.
+LOCK_TIMEOUT_S = BUSY_TIMEOUT_S
+# Any one statement. Ours touch a few rows by index (milliseconds); a retention batch
+# deletes up to PURGE_BATCH_SESSIONS sessions' messages. Well below the 10 s handshake.
+STATEMENT_TIMEOUT_S = 5.0
+# A transaction idle this long (its process stuck or gone) is ended by the server,
+# which releases its locks for the other instances.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 10.0
+# A peer that stops answering mid-statement (a dead host, a dropped network): TCP
+# keepalives probe an idle wait, TCP_USER_TIMEOUT_S bounds unacknowledged sends.
+_KEEPALIVE_IDLE_S = 4
+_KEEPALIVE_INTERVAL_S = 1
+_KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_S = 8.0
+# After a failed connect, calls fail at once for this long instead of connecting again.
+RECONNECT_BACKOFF_S = 1.0
+# `healthy()` answers False when the probe takes longer than this.
+HEALTH_TIMEOUT_S = 2.0
+# Creating or migrating the schema at `open` may wait for another instance doing it.
+MIGRATION_TIMEOUT_S = 60.0
+# Sessions deleted per transaction by `delete_inactive` (as in store.py).
+PURGE_BATCH_SESSIONS = 500
+# The advisory lock that serialises schema migrations: "chat" in ASCII, a constant
+# every instance of this server takes and nothing else should.
+_MIGRATION_LOCK_KEY = 0x63686174
+
+_NO_LIMIT = 2**63 - 1  # BIGINT's largest: "no upper bound" on anchors
+
+_BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED, READ WRITE"
+_BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+# Each migration is a list of statements, run in order in one transaction; a new one
+# is appended, never edited (a database records how many it has applied).
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE IF NOT EXISTS sessions (
+            id          TEXT COLLATE "C" PRIMARY KEY,
+            owner       TEXT COLLATE "C" NOT NULL,
+            created_at  TEXT COLLATE "C" NOT NULL,
+            title       TEXT,
+            updated_at  TEXT COLLATE "C" NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS messages (
+            id                 BIGSERIAL PRIMARY KEY,
+            session_id         TEXT COLLATE "C" NOT NULL
+                               REFERENCES sessions (id) ON DELETE CASCADE,
+            role               TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'tool')),
+            anchor             BIGINT NOT NULL,
+            content            TEXT NOT NULL,
+            status             TEXT,
+            created_at         TEXT COLLATE "C" NOT NULL,
+            client_message_id  TEXT COLLATE "C",
+            metadata           TEXT,
+            turn_id            TEXT,
+            response_id        TEXT,
+            name               TEXT,
+            call_id            TEXT,
+            arguments          TEXT,
+            output             TEXT
+        )
+        """,
+        "CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id"
+        " ON messages (session_id, client_message_id) WHERE client_message_id IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS messages_in_order ON messages (session_id, anchor, id)",
+        # list_sessions: one owner's sessions by (updated_at, id), read backwards.
+        "CREATE INDEX IF NOT EXISTS sessions_by_owner_activity ON sessions (owner, updated_at, id)",
+        # delete_inactive: every owner's sessions idle since before a cutoff.
+        "CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions (updated_at)",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_COLUMNS = (
+    "id, session_id, role, content, status, created_at, client_message_id, "
+    "turn_id, response_id, name, call_id, arguments, output"
+)
+# Escaped, a character takes at most two; one more keeps a cut escape from costing
+# a character. `_session_info` cuts the unescaped text to TITLE_SOURCE_CHARS.
+_TITLE_SOURCE_STORED_CHARS = 2 * TITLE_SOURCE_CHARS + 1
+_SESSION_INFO = f"""
+SELECT s.id, s.title, s.created_at, s.updated_at,
+    (SELECT COUNT(*) FROM messages AS m WHERE m.session_id = s.id),
+    CASE WHEN s.title IS NULL THEN
+        (SELECT substr(ltrim(m.content, E'\\t\\n\\r '), 1, {_TITLE_SOURCE_STORED_CHARS})
+         FROM messages AS m WHERE m.session_id = s.id AND m.role = 'user'
+         ORDER BY m.anchor, m.id LIMIT 1)
+    END,
+    (SELECT m.status FROM messages AS m WHERE m.session_id = s.id AND m.role = 'assistant'
+     ORDER BY m.anchor DESC, m.id DESC LIMIT 1)
+FROM sessions AS s
+"""
+
+
+class PostgresStore:
+    """The database. Open with `PostgresStore.open(url)`; close with `aclose()`.
+
+    Every method runs in a worker thread (see the module docstring): reads on the
+    reader, writes on the writer, each write one transaction."""
+
+    def __init__(self, writer: _Link, reader: _Link, probe: _Link) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._probe = probe
+        self._limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._probe_limiter = trio.CapacityLimiter(1)
+        self.write_observer: Callable[[float], None] | None = None
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStore:
+        """Connect to the database `url` names (`postgresql://user:password@host/db`),
+        creating or migrating its schema. Raises StorageUnavailable when it cannot be
+        reached, refuses, or was migrated by a newer server (the server refuses to
+        start), ValueError when `url` is malformed."""
+        return await trio.to_thread.run_sync(cls._open_sync, url)
+
+    @classmethod
+    def _open_sync(cls, url: str) -> PostgresStore:
+        connect, where = _connector(url)
+        writer, reader, probe = _Link(connect, where), _Link(connect, where), _Link(connect, where)
+        try:
+            _migrate(writer.connect_now())
+            reader.connect_now()
+        except psycopg.Error as error:
+            writer.close()
+            reader.close()
+            raise StorageUnavailable(
+                f"could not open the PostgreSQL database {where}: {_first_line(error)}"
+            ) from None
+        except BaseException:
+            writer.close()
+            reader.close()
+            raise
+        return cls(writer, reader, probe)
+
+    async def aclose(self) -> None:
+        """Close the connections, each once its thread is done with it (a health probe
+        that timed out may still be running: bounded by its own timeouts)."""
+        await trio.to_thread.run_sync(self._probe.close, limiter=self._probe_limiter)
+        await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
+        await trio.to_thread.run_sync(self._writer.close, limiter=self._limiter)
+
+    async def healthy(self) -> bool:
+        """Whether the database answers a `SELECT 1` within HEALTH_TIMEOUT_S. False
+        while it is down or unreachable; True again by itself once it is back."""
+        with trio.move_on_after(HEALTH_TIMEOUT_S):
+            # Abandoned on timeout: the probe's thread ends by its own timeouts, and
+            # holds the probe's limiter until then, so probes never pile up.
+            return await trio.to_thread.run_sync(
+                self._probe.ping, limiter=self._probe_limiter, abandon_on_cancel=True
+            )
+        return False
+
+    async def integrity_check(self) -> str:
+        """'ok' when the database answers and holds the schema this server knows."""
+
+        def read(db: _Connection) -> str:
+            version = _schema_version(db)
+            if version != SCHEMA_VERSION:
+                return f"schema version {version}, this server knows {SCHEMA_VERSION}"
+            return "ok"
+
+        return await self._read(read)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _write(self, work: Callable[[_Connection], _T]) -> _T:
+        """Run `work` in one write transaction on the writer. Raises StorageUnavailable
+        when the database cannot be used; `work` may raise it too."""
+        started = time.perf_counter()
+        try:
+            return await _in_thread(
+                lambda: self._writer.transaction(_BEGIN_WRITE, work), self._limiter
+            )
+        finally:
+            if self.write_observer is not None:
+                self.write_observer(time.perf_counter() - started)
+
+    async def _read(self, work: Callable[[_Connection], _T]) -> _T:
+        """Run `work` in one read transaction (one snapshot) on the reader."""
+        return await _in_thread(
+            lambda: self._reader.transaction(_BEGIN_READ, work), self._read_limiter
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    async def claim_session(self, session_id: str, user_id: str) -> SessionClaim:
+        """Create the session for `user_id` if new; report its owner either way.
+        A write, even for an existing session: it fails when writes do."""
+
+        def claim(db: _Connection) -> SessionClaim:
+            now = utc_timestamp()
+            # Twice at most: the session may be deleted between the two statements.
+            for _ in range(2):
+                created = db.execute(
+                    "INSERT INTO sessions (id, owner, created_at, updated_at)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING owner",
+                    (session_id, user_id, now, now),
+                ).fetchone()
+                if created is not None:
+                    return SessionClaim(owner_id=user_id, resumed=False, history_length=0)
+                # Another transaction had it (if still running, the insert waited for
+                # its commit); READ COMMITTED: this statement sees that commit.
+                existing = db.execute(
+                    "SELECT owner, (SELECT COUNT(*) FROM messages WHERE session_id = %s)"
+                    " FROM sessions WHERE id = %s",
+                    (session_id, session_id),
+                ).fetchone()
+                if existing is not None:
+                    return SessionClaim(
+                        owner_id=existing[0], resumed=True, history_length=existing[1]
+                    )
+            raise StorageUnavailable()
+
+        return await self._write(claim)
+
+    async def list_sessions(
+        self, owner_id: str, limit: int, cursor: str | None = None
+    ) -> tuple[list[SessionInfo], str | None]:
+        """One page of the owner's sessions, most recently active first (ties: the
+        greater id first), and the cursor of the next page (None on the last page);
+        as `SessionStore.list_sessions`. Raises ValueError for `limit` below 1 or a
+        malformed cursor."""
+        after = list_position(limit, cursor)
+
+        def read(db: _Connection) -> list[SessionInfo]:
+            where, parameters = "s.owner = %s", [owner_id]
+            if after is not None:
+                where += " AND (s.updated_at, s.id) < (%s, %s)"
+                parameters += after
+            rows = db.execute(
+                f"{_SESSION_INFO} WHERE {where} ORDER BY s.updated_at DESC, s.id DESC LIMIT %s",
+                (*parameters, limit + 1),  # one more than asked: is there a next page?
+            ).fetchall()
+            return [_session_info(row) for row in rows]
+
+        return split_page(await self._read(read), limit)
+
+    async def get_session(self, owner_id: str, session_id: str) -> SessionInfo | None:
+        """The session, or None when it does not exist or another user owns it."""
+        return await self._read(lambda db: _owned_session(db, owner_id, session_id))
+
+    async def rename_session(
+        self, owner_id: str, session_id: str, title: str
+    ) -> SessionInfo | None:
+        """Set the session's title (the caller checks its length) and return the
+        session, or None when it does not exist or another user owns it. Not activity:
+        `updated_at`, and so the session's place in the list, stay as they were."""
+
+        def rename(db: _Connection) -> SessionInfo | None:
+            db.execute(
+                "UPDATE sessions SET title = %s WHERE id = %s AND owner = %s",
+                (title, session_id, owner_id),
+            )
+            return _owned_session(db, owner_id, session_id)
+
+        return await self._write(rename)
+
+    async def delete_session(self, owner_id: str, session_id: str) -> bool:
+        """Delete the session and every message of it in one transaction. False (and
+        nothing deleted) when it does not exist or another user owns it. Afterwards
+        the id is free; writes still aimed at the deleted session fail with
+        StorageUnavailable (as `SessionStore.delete_session`)."""
+
+        def delete(db: _Connection) -> bool:
+            # Its messages go with it (ON DELETE CASCADE), those committed by a write
+            # this statement waited for included.
+            row = db.execute(
+                "DELETE FROM sessions WHERE id = %s AND owner = %s RETURNING id",
+                (session_id, owner_id),
+            ).fetchone()
+            return row is not None
+
+        return await self._write(delete)
+
+    async def export_session(
+        self, owner_id: str, session_id: str
+    ) -> tuple[SessionInfo, list[StoredMessage]] | None:
+        """The session and its whole conversation in order, read from one snapshot; None
+        when it does not exist or another user owns it."""
+
+        def read(db: _Connection) -> tuple[SessionInfo, list[StoredMessage]] | None:
+            info = _owned_session(db, owner_id, session_id)
+            if info is None:
+                return None
+            return info, _conversation(db, session_id, _NO_LIMIT)
+
+        return await self._read(read)
+
+    async def delete_inactive(self, older_than_s: float) -> list[str]:
+        """Delete every session (of any owner) whose last activity is older than
+        `older_than_s` seconds, with its messages; return their ids. In batches of
+        PURGE_BATCH_SESSIONS sessions, one transaction each. A session being written
+        right now is skipped (it is active), so is one another instance is deleting.
+        Raises ValueError for a negative age."""
+        cutoff = inactive_cutoff(older_than_s)
+
+        def purge_batch(db: _Connection) -> list[str]:
+            # The condition is checked again on the locked row: a session that became
+            # active since the cutoff was computed is not touched.
+            rows = db.execute(
+                "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions"
+                " WHERE updated_at < %s LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " AND updated_at < %s RETURNING id",
+                (cutoff, PURGE_BATCH_SESSIONS, cutoff),
+            ).fetchall()
+            return [session_id for (session_id,) in rows]
+
+        deleted: list[str] = []
+        while True:
+            batch = await self._write(purge_batch)
+            deleted += batch
+            if len(batch) < PURGE_BATCH_SESSIONS:
+                return deleted
+
+    # ------------------------------------------------------------------ writes
+
+    async def add_user_message(
+        self,
+        session_id: str,
+        content: str,
+        *,
+        client_message_id: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> StoredMessage:
+        """Commit one user message. Raises DuplicateMessage if its client id was seen,
+        StorageUnavailable if it cannot be stored (also: the session was deleted)."""
+        created_at = utc_timestamp()
+        metadata_json = json.dumps(metadata) if metadata is not None else None
+
+        def insert(db: _Connection) -> int:
+            try:
+                # A user message anchors at its own id, taken from the sequence first.
+                (row_id,) = _one(
+                    db,
+                    "INSERT INTO messages (id, session_id, role, anchor, content, created_at,"
+                    " client_message_id, metadata)"
+                    " SELECT n.id, %s, 'user', n.id, %s, %s, %s, %s"
+                    " FROM (SELECT nextval('messages_id_seq') AS id) AS n RETURNING id",
+                    (session_id, content, created_at, client_message_id, metadata_json),
+                )
+            except psycopg.errors.UniqueViolation as error:
+                if error.diag.constraint_name == "messages_client_id":
+                    raise DuplicateMessage() from None
+                raise
+            except psycopg.errors.ForeignKeyViolation:  # the session row is gone
+                raise StorageUnavailable(SESSION_DELETED_MESSAGE) from None
+            _touch(db, session_id, created_at)
+            return int(row_id)
+
+        row_id = await self._write(insert)
+        return StoredMessage(
+            id=row_id,
+            session_id=session_id,
+            role="user",
+            content=content,
+            status=None,
+            created_at=created_at,
+            client_message_id=client_message_id,
+        )
+
+    async def finish_turn(
+        self,
+        session_id: str,
+        *,
+        reply_to: int,
+        turn_id: str,
+        content: str,
+        status: TurnStatus,
+        response_id: str | None,
+        tool_calls: list[ToolCallRecord],
+    ) -> int:
+        """Commit a finished turn, whatever its status, in one transaction: its tool calls
+        and then the assistant message. Returns the assistant row id. Raises
+        StorageUnavailable if it cannot be stored, or if the user message it answers is
+        no longer in the session (deleted meanwhile)."""
+        created_at = utc_timestamp()
+
+        def insert(db: _Connection) -> int:
+            # Locked: a deletion of the session waits for this turn's commit (and then
+            # deletes it too) instead of deleting the question under it.
+            question = db.execute(
+                "SELECT 1 FROM messages WHERE id = %s AND session_id = %s FOR KEY SHARE",
+                (reply_to, session_id),
+            ).fetchone()
+            if question is None:
+                raise StorageUnavailable(SESSION_DELETED_MESSAGE)
+            with db.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO messages (session_id, role, anchor, content, status,"
+                    " created_at, turn_id, name, call_id, arguments, output)"
+                    " VALUES (%s, 'tool', %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [
+                        (
+                            session_id,
+                            reply_to,
+                            call.output,
+                            call.status,
+                            created_at,
+                            turn_id,
+                            call.name,
+                            call.call_id,
+                            call.arguments,
+                            call.output,
+                        )
+                        for call in tool_calls
+                    ],
+                )
+            (row_id,) = _one(
+                db,
+                "INSERT INTO messages (session_id, role, anchor, content, status, created_at,"
+                " turn_id, response_id) VALUES (%s, 'assistant', %s, %s, %s, %s, %s, %s)"
+                " RETURNING id",
+                (session_id, reply_to, content, status, created_at, turn_id, response_id),
+            )
+            _touch(db, session_id, created_at)
+            return int(row_id)
+
+        return await self._write(insert)
+
+    # ------------------------------------------------------------------ reads
+
+    async def history(self, session_id: str, limit: int) -> list[StoredMessage]:
+        """The latest `limit` messages, oldest first."""
+
+        def read(db: _Connection) -> list[StoredMessage]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE session_id = %s"
+                " ORDER BY anchor DESC, id DESC LIMIT %s",
+                (session_id, limit),
+            ).fetchall()
+            return [StoredMessage(*row) for row in reversed(rows)]
+
+        return await self._read(read)
+
+    async def full_history(
+        self, session_id: str, *, up_to: int | None = None
+    ) -> list[StoredMessage]:
+        """Every message of the session, oldest first; with `up_to`, only the part of the
+        conversation up to (and including the turn of) that user message."""
+        last_anchor = up_to if up_to is not None else _NO_LIMIT
+        return await self._read(lambda db: _conversation(db, session_id, last_anchor))
+
+    async def chain_point(self, session_id: str, *, up_to: int | None = None) -> ChainPoint:
+        """The last completed upstream response and everything stored after it (with
+        `up_to`: up to and including that user message's turn)."""
+        last_anchor = up_to if up_to is not None else _NO_LIMIT
+
+        def read(db: _Connection) -> ChainPoint:
+            last = db.execute(
+                "SELECT anchor, id, response_id FROM messages WHERE session_id = %s"
+                " AND role = 'assistant' AND status = 'completed' AND response_id IS NOT NULL"
+                " AND anchor <= %s ORDER BY anchor DESC, id DESC LIMIT 1",
+                (session_id, last_anchor),
+            ).fetchone()
+            anchor, after_id, response_id = last if last is not None else (0, 0, None)
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE session_id = %s"
+                " AND (anchor > %s OR (anchor = %s AND id > %s)) AND anchor <= %s"
+                " ORDER BY anchor, id",
+                (session_id, anchor, anchor, after_id, last_anchor),
+            ).fetchall()
+            return ChainPoint(response_id, [StoredMessage(*row) for row in rows])
+
+        return await self._read(read)
+
+
+# ====================================================================== connections
+
+
+class _Link:
+    """One connection to the database, used by one thread at a time (its caller holds
+    the store's limiter for it). Opened on first use and again after it broke, but
+    not within RECONNECT_BACKOFF_S of a failed attempt."""
+
+    def __init__(self, connect: Callable[[], _Connection], where: str) -> None:
+        self._connect = connect
+        self._where = where
+        self._connection: _Connection | None = None
+        self._failed_at: float | None = None  # time.monotonic() of the last failed connect
+
+    def connect_now(self) -> _Connection:
+        """The connection, connected now if it is not. Raises psycopg.Error."""
+        connection, _ = self._get()
+        return connection
+
+    def transaction(self, begin: str, work: Callable[[_Connection], _T]) -> _T:
+        """`work` in one transaction begun with `begin`: committed when it returns,
+        rolled back when it raises. Raises psycopg.Error or StorageUnavailable (in the
+        backoff after a failed connect), or what `work` raises."""
+        connection = self._begin(begin)
+        try:
+            result = work(connection)
+            connection.execute("COMMIT")
+        except BaseException:
+            self._roll_back(connection)
+            raise
+        return result
+
+    def ping(self) -> bool:
+        """Whether the database answers `SELECT 1` (within the connection's timeouts)."""
+        try:
+            self._begin("SELECT 1")
+        except (psycopg.Error, StorageUnavailable):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _begin(self, statement: str) -> _Connection:
+        """A connection on which `statement` (a BEGIN, a probe) just ran."""
+        connection, fresh = self._get()
+        try:
+            connection.execute(statement)
+            return connection
+        except psycopg.OperationalError:
+            if fresh or not connection.closed:
+                raise
+        # The server closed it while it sat idle (a restart, an idle timeout): nothing
+        # ran on it, so the statement runs again on a new connection, at once.
+        connection, _ = self._get()
+        connection.execute(statement)
+        return connection
+
+    def _get(self) -> tuple[_Connection, bool]:
+        """The open connection and whether it was connected just now."""
+        if self._connection is not None:
+            if not self._connection.closed:
+                return self._connection, False
+            self.close()  # broken: psycopg closes what is left of it
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RECONNECT_BACKOFF_S:
+            raise StorageUnavailable()
+        try:
+            self._connection = self._connect()
+        except psycopg.Error as error:
+            if self._failed_at is None:  # once per outage, not once per request
+                log.warning("PostgreSQL %s unreachable: %s", self._where, _first_line(error))
+            self._failed_at = time.monotonic()
+            raise
+        if self._failed_at is not None:
+            log.info("PostgreSQL %s reachable again", self._where)
+            self._failed_at = None
+        return self._connection, True
+
+    def _roll_back(self, connection: _Connection) -> None:
+        if connection.closed:
+            self.close()
+            return
+        try:
+            connection.execute("ROLLBACK")
+        except psycopg.Error:
+            self.close()  # a connection in an unknown state is not used again
+
+
+def _connector(url: str) -> tuple[Callable[[], _Connection], str]:
+    """A function that opens one connection to `url` with this module's timeouts, and
+    a description of the database without its password. Raises ValueError when `url`
+    is malformed."""
+    try:
+        parameters = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        raise ValueError("malformed PostgreSQL URL") from None
+    where = "{}:{}/{}".format(
+        parameters.get("host") or parameters.get("hostaddr") or "localhost",
+        parameters.get("port") or 5432,
+        parameters.get("dbname") or parameters.get("user") or "",
+    )
+    # Ours after the URL's own options, so ours win: the bounds are this module's rules.
+    options = " ".join(
+        part
+        for part in (
+            str(parameters.get("options") or ""),
+            f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}",
+            f"-c lock_timeout={int(LOCK_TIMEOUT_S * 1000)}",
+            f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)}",
+        )
+        if part
+    )
+
+    def connect() -> _Connection:
+        connection = psycopg.Connection.connect(
+            url,
+            autocommit=True,  # the store says BEGIN itself: one transaction per method
+            connect_timeout=CONNECT_TIMEOUT_S,
+            options=options,
+            application_name=parameters.get("application_name") or "chat-agent-server",
+            keepalives=1,
+            keepalives_idle=_KEEPALIVE_IDLE_S,
+            keepalives_interval=_KEEPALIVE_INTERVAL_S,
+            keepalives_count=_KEEPALIVE_COUNT,
+            tcp_user_timeout=int(TCP_USER_TIMEOUT_S * 1000),
+        )
+        _escape_text(connection)
+        return connection
+
+    return connect, where
+
+
+async def _in_thread(run: Callable[[], _T], limiter: trio.CapacityLimiter) -> _T:
+    try:
+        return await trio.to_thread.run_sync(run, limiter=limiter)
+    except psycopg.OperationalError as error:
+        # Lost, refused, timed out, locked out: the database's state, not a bug.
+        log.warning("PostgreSQL refused: %s (%s)", type(error).__name__, error.sqlstate)
+        raise StorageUnavailable() from error
+    except psycopg.Error as error:
+        # Not expected from our own statements: a bug, or a schema changed by hand.
+        log.error("PostgreSQL error: %s (%s)", type(error).__name__, error.sqlstate)
+        raise StorageUnavailable() from error
+
+
+def _migrate(db: _Connection) -> None:
+    """Create or bring the schema up to date, in one transaction, under an advisory
+    lock: instances starting together migrate one after the other, and each sees the
+    others' work. Raises StorageUnavailable for a schema newer than this server's."""
+    db.execute(_BEGIN_WRITE)
+    try:
+        timeout_ms = int(MIGRATION_TIMEOUT_S * 1000)
+        db.execute(f"SET LOCAL lock_timeout = {timeout_ms}")
+        db.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS chat_schema_migrations"
+            " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        version = _schema_version(db)
+        if version > SCHEMA_VERSION:
+            raise StorageUnavailable(
+                f"the database schema is at version {version}, newer than this server's"
+                f" {SCHEMA_VERSION}: run a newer server"
+            )
+        for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for statement in statements:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO chat_schema_migrations (version, applied_at) VALUES (%s, %s)",
+                (number, utc_timestamp()),
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        if not db.closed:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(db: _Connection) -> int:
+    (version,) = _one(db, "SELECT COALESCE(MAX(version), 0) FROM chat_schema_migrations")
+    return int(version)
+
+
+# ====================================================================== statements
+
+
+def _one(db: _Connection, query: str, parameters: tuple[Any, ...] = ()) -> TupleRow:
+    row = db.execute(query, parameters).fetchone()
+    assert row is not None  # an aggregate, or an INSERT ... RETURNING of one row
+    return row
+
+
+def _touch(db: _Connection, session_id: str, at: str) -> None:
+    """Record activity, in the transaction of the write that is the activity."""
+    db.execute("UPDATE sessions SET updated_at = %s WHERE id = %s", (at, session_id))
+
+
+def _owned_session(db: _Connection, owner_id: str, session_id: str) -> SessionInfo | None:
+    row = db.execute(
+        f"{_SESSION_INFO} WHERE s.id = %s AND s.owner = %s", (session_id, owner_id)
+    ).fetchone()
+    return _session_info(row) if row is not None else None
+
+
+def _session_info(row: TupleRow) -> SessionInfo:
+    first_words = row[5]
+    if first_words is not None:
+        first_words = first_words[:TITLE_SOURCE_CHARS]  # what store.py's SQL cuts
+    return session_info_from_row((*row[:5], first_words, row[6]))
+
+
+def _conversation(db: _Connection, session_id: str, last_anchor: int) -> list[StoredMessage]:
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM messages WHERE session_id = %s AND anchor <= %s"
+        " ORDER BY anchor, id",
+        (session_id, last_anchor),
+    ).fetchall()
+    return [StoredMessage(*row) for row in rows]
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().split("\n", 1)[0]
+
+
+# ====================================================================== text
+
+_ESCAPE = "\uffff"  # a noncharacter: no text a person or a model writes holds it
+
+
+def escape_text(text: str) -> str:
+    """`text` as stored: U+0000 (which PostgreSQL's text refuses) as U+FFFF "0", and
+    U+FFFF itself as U+FFFF "1". Text without either is stored unchanged."""
+    if "\x00" not in text and _ESCAPE not in text:
+        return text
+    return text.replace(_ESCAPE, _ESCAPE + "1").replace("\x00", _ESCAPE + "0")
+
+
+def unescape_text(stored: str) -> str:
+    """The inverse of `escape_text`. An escape cut off at the end (by `substr`) is
+    dropped."""
+    if _ESCAPE not in stored:
+        return stored
+    head, *escaped = stored.split(_ESCAPE)
+    decoded = {"0": "\x00", "1": _ESCAPE}
+    return head + "".join(decoded.get(part[:1], "") + part[1:] for part in escaped)
+
+
+class _EscapingStrDumper(StrDumper):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(escape_text(obj))
+
+
+class _EscapingStrDumperUnknown(StrDumperUnknown):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(escape_text(obj))
+
+
+class _EscapingStrBinaryDumper(StrBinaryDumper):
+    def dump(self, obj: str) -> Buffer | None:
+        return super().dump(escape_text(obj))
+
+
+class _UnescapingTextLoader(TextLoader):
+    def load(self, data: Buffer) -> bytes | str:
+        text = super().load(data)
+        return unescape_text(text) if isinstance(text, str) else text
+
+
+class _UnescapingTextBinaryLoader(TextBinaryLoader):
+    def load(self, data: Buffer) -> bytes | str:
+        text = super().load(data)
+        return unescape_text(text) if isinstance(text, str) else text
+
+
+def _escape_text(connection: _Connection) -> None:
+    """Route every string parameter and text result of `connection` through
+    `escape_text` and `unescape_text`. The order matters: the last dumper registered
+    for str is the default (psycopg's own order: text-oid, then unknown-oid)."""
+    adapters = connection.adapters
+    adapters.register_dumper(str, _EscapingStrBinaryDumper)
+    adapters.register_dumper(str, _EscapingStrDumper)
+    adapters.register_dumper(str, _EscapingStrDumperUnknown)
+    for type_name in ("text", "varchar", "bpchar"):
+        adapters.register_loader(type_name, _UnescapingTextLoader)
+        adapters.register_loader(type_name, _UnescapingTextBinaryLoader)
