@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint browser bench binary test-binary constraints
+.PHONY: run test lint browser services bench binary test-binary constraints
 
 CONSTRAINTS := build/constraints.txt
 
@@ -25,20 +25,25 @@ lint: $(VENV)/.installed
 browser:
 	bash build/install-browser.sh || echo "no chromium: the page tests will be skipped"
 
+# PostgreSQL and Redis for the several-instances tests (they start their own servers
+# on loopback ports and stop them); without them those tests are skipped outside CI.
+services:
+	bash build/install-services.sh || echo "no postgresql/redis: those tests will be skipped"
+
 # The contract's tests run twice: with the measured reaches beneath trio, trio-websocket
 # and httpx on (the default), and with them off (CHAT_FAST_PATHS=0), so that the plain
 # library paths they replace stay tested (docs/operations.md, "Fast paths").
 CORE_TESTS := tests/test_chat.py tests/test_auth.py tests/test_bad_input.py tests/test_tools.py \
 	tests/test_limits.py tests/test_heartbeat.py tests/test_upstream_faults.py tests/test_resume.py \
-	tests/test_hostile.py tests/test_sessions_api.py
+	tests/test_hostile.py tests/test_sessions_api.py tests/test_instances.py
 
-test: lint browser
+test: lint browser services
 	$(PY) -m pytest -q
 	CHAT_FAST_PATHS=0 $(PY) -m pytest -q $(CORE_TESTS)
 
 # After a deliberate upgrade of a dependency: pin what is installed now.
 constraints: $(VENV)/.installed-build
-	{ sed -n '1,4p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable; } > $(CONSTRAINTS).new
+	{ sed -n '1,4p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable | grep -v '^-e'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 # The single executable, dist/chat-agent-server (PyInstaller, pyproject's `build` group).

@@ -67,10 +67,6 @@ from typing import Any, Protocol, cast
 import httpx
 import trio
 
-from chat.demo_model import DemoModelTransport as DemoModelTransport
-from chat.demo_model import encode_sse as encode_sse
-from chat.demo_model import last_user_text as last_user_text
-from chat.demo_model import text_response_events as text_response_events
 from chat.upstream_transport import (
     BodyFramingError,
     body_chunks,

@@ -409,6 +409,17 @@ ServerFrame = (
 )
 
 
+_server_frame_adapter: TypeAdapter[ServerFrame] = TypeAdapter(
+    Annotated[ServerFrame, Field(discriminator="type")]
+)
+
+
+def decode_server_frame(document: object) -> ServerFrame:
+    """A server frame from its JSON object, as another instance relayed it. Raises
+    pydantic.ValidationError."""
+    return _server_frame_adapter.validate_python(document)
+
+
 def encode(frame: ServerFrame) -> str:
     """One server frame as JSON text."""
     return frame.model_dump_json()

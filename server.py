@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sqlite3
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -44,10 +45,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from wsproto.utilities import LocalProtocolError as WsprotoLocalProtocolError
 
 import protocol as wire
-from agent_client import AgentClient, DemoModelTransport
+from agent_client import AgentClient
 from chat import pacing
 from chat.auth import MAX_TOKEN_BYTES, TokenVerifier, issue_token
+from chat.cluster import Cluster, ClusterUnavailable, Command
 from chat.connection import ChatConnection, close_websocket
+from chat.demo_model import DemoModelTransport
 from chat.http_front import (
     NOT_FOUND,
     HttpAnswer,
@@ -83,7 +86,7 @@ from chat.settings import (
 )
 from chat.turn import FINAL_WRITE_TIMEOUT_S, TurnServices
 from chat.ws_stream import ClientStream
-from store import SessionStore, backup_database
+from store import Store, backup_database, is_postgres_url, open_store
 
 __all__ = ["MAX_TOKEN_BYTES", "ChatServer", "Config", "issue_token", "main", "run_server"]
 
@@ -104,10 +107,18 @@ class ChatServer:
     closed (or the grace period ran out and the rest were cancelled).
     """
 
-    def __init__(self, config: Config, store: SessionStore, agent: AgentClient) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        agent: AgentClient,
+        *,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.agent = agent
+        self.cluster = cluster
         self.verifier = TokenVerifier(
             secret=config.jwt_secret,
             public_key_pem=config.jwt_public_key,
@@ -164,6 +175,8 @@ class ChatServer:
         if self.config.fast_paths and self.config.tls_cert:
             log.warning("direct delta writes cannot apply over TLS: deltas go through TLS")
         self.metrics.fast_path_active.labels("direct_delta_writes").set(int(direct_writes))
+        lean_reads = self.agent.lean_reads_active
+        self.metrics.fast_path_active.labels("upstream_lean_reads").set(int(lean_reads))
         listeners: list[trio.abc.Listener[Any]] = list(
             await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         )
@@ -175,8 +188,29 @@ class ChatServer:
                 trio.SSLListener(listener, context, https_compatible=True) for listener in listeners
             ]
         scheme = "https" if self.config.tls_cert else "http"
+        async with trio.open_nursery() as services:
+            # The cluster outlives the handlers: a connection that ends during the drain
+            # still withdraws from Redis.
+            if self.cluster is not None:
+                await services.start(
+                    partial(
+                        self.cluster.run,
+                        on_command=self._on_command,
+                        on_dead_turn=self._store_dead_turn,
+                    )
+                )
+            await self._serve_connections(listeners, scheme, task_status)
+            services.cancel_scope.cancel()
+
+    async def _serve_connections(
+        self,
+        listeners: list[trio.abc.Listener[Any]],
+        scheme: str,
+        task_status: trio.TaskStatus[int],
+    ) -> None:
+        assert self.port is not None
         async with trio.open_nursery() as handlers:
-            # These run until _drain cancels the handlers.
+            # These run until the drain is over and the handlers are cancelled.
             handlers.start_soon(self._drops.run)
             handlers.start_soon(self._admissions.run)
             handlers.start_soon(self.timers.run)
@@ -259,6 +293,8 @@ class ChatServer:
         return HttpAnswer(200, self.metrics.render(), CONTENT_TYPE_LATEST)
 
     async def _healthz(self) -> HttpAnswer:
+        if self.cluster is not None and not await self.cluster.check():
+            return json_answer(503, {"status": "degraded"})
         if not await self.store.healthy():
             # Deleted or replaced under us: every write is refused until a restart.
             return json_answer(503, {"status": "storage_error"})
@@ -316,7 +352,10 @@ class ChatServer:
             await answer_http(stream, head, NOT_FOUND)
             return
         # Counted from here, handshake included, so --max-connections bounds descriptors.
+        # Judged on arrival, first come first served: judged at admission, every one of a
+        # burst larger than the limit would find the count over it, and none get in.
         self._websockets += 1
+        over_limit = self._websockets > self.config.max_connections
         try:
             async with trio.open_nursery() as ws_tasks:
                 ws: WebSocketConnection | None = None
@@ -334,7 +373,9 @@ class ChatServer:
                     self.metrics.connections_opened.inc()
                 if ws is not None:
                     await self._admissions.pass_through()
-                    await self._run_session(ws, client_stream, head, session_id)
+                    await self._run_session(
+                        ws, client_stream, head, session_id, over_limit=over_limit
+                    )
                 ws_tasks.cancel_scope.cancel()
         except* WsprotoLocalProtocolError as errors:
             # trio-websocket issue #184: a peer's ping that arrives while we close makes
@@ -346,10 +387,16 @@ class ChatServer:
             self._notify_count()
 
     async def _run_session(
-        self, ws: WebSocketConnection, stream: ClientStream, head: RequestHead, session_id: str
+        self,
+        ws: WebSocketConnection,
+        stream: ClientStream,
+        head: RequestHead,
+        session_id: str,
+        *,
+        over_limit: bool,
     ) -> None:
         try:
-            connection = await self._admit(ws, stream, head, session_id)
+            connection = await self._admit(ws, stream, head, session_id, over_limit=over_limit)
         except wire.StorageUnavailable:
             log.error("session %s: database unavailable, refusing the connection", session_id)
             await self._refuse(ws, wire.InternalError("database unavailable"))
@@ -364,6 +411,8 @@ class ChatServer:
         try:
             if self._shutting_down:  # admitted while the drain ran: it ends at once
                 connection.close(wire.ServerShuttingDown())
+            if self.cluster is not None:
+                await self._announce(connection)
             await connection.run()
         except Exception:
             log.exception("session %s: connection failed", session_id)
@@ -372,7 +421,24 @@ class ChatServer:
                 await close_websocket(ws, wire.InternalError())
         finally:
             self._unregister(connection)
+            if self.cluster is not None:
+                with trio.CancelScope(shield=True):
+                    await self._withdraw(connection)
             log.info("session %s: closed with %d", session_id, connection.close_code)
+
+    async def _announce(self, connection: ChatConnection) -> None:
+        """Tell the other instances this connection holds its session (one on another
+        instance is taken over, 4009)."""
+        assert self.cluster is not None
+        try:
+            await self.cluster.attach(connection.session_id, connection.user_id, connection.key)
+        except ClusterUnavailable:
+            log.warning("session %s: not announced to other instances", connection.session_id)
+
+    async def _withdraw(self, connection: ChatConnection) -> None:
+        assert self.cluster is not None
+        await self.cluster.detach(connection.session_id, connection.user_id, connection.key)
+        await self.cluster.release_user_slot(connection.user_id, connection.key)
 
     async def _refuse(self, ws: WebSocketConnection, error: wire.CloseError) -> None:
         self.metrics.connections_closed.labels(str(error.close_code)).inc()
@@ -402,11 +468,18 @@ class ChatServer:
             del self._connections_by_user[user_id]
 
     async def _admit(
-        self, ws: WebSocketConnection, stream: ClientStream, head: RequestHead, session_id: str
+        self,
+        ws: WebSocketConnection,
+        stream: ClientStream,
+        head: RequestHead,
+        session_id: str,
+        *,
+        over_limit: bool,
     ) -> ChatConnection:
         """Check everything before any session data is read; the user's slot is
         reserved before the first await and released on every way out but success.
-        Raises CloseError or StorageUnavailable."""
+        `over_limit`: it arrived with --max-connections reached. Raises CloseError or
+        StorageUnavailable."""
         if self._shutting_down:
             raise wire.ServerShuttingDown()
         if not wire.is_valid_session_id(session_id):
@@ -416,21 +489,27 @@ class ChatServer:
             if origin not in self.config.allowed_origins:
                 raise wire.Forbidden("origin not allowed")
         user_id, expiry = self.verifier.verify(token_from(head))
-        # Handshakes in flight count too: the limit bounds descriptors, not just sessions.
-        if self._websockets > self.config.max_connections:
+        if over_limit:
             raise wire.ServerFull()
+        if self.cluster is not None and not self.cluster.available:
+            # Without Redis this instance cannot honour takeover, limits or resume
+            # across instances: new clients try again (elsewhere, or later).
+            raise wire.ServerFull("service degraded: redis unreachable")
         live = self._live.get(session_id)
         takes_over = live is not None and live.attached is not None and live.user_id == user_id
         held = self._connections_by_user.get(user_id, 0)
         if held >= self.config.max_connections_per_user and not takes_over:
             raise wire.UserConnectionLimit()
         self._connections_by_user[user_id] = held + 1  # reserved: no await before this
+        connection_key = secrets.token_hex(8)
         try:
             claim = await self.store.claim_session(session_id, user_id)
             if self._shutting_down:
                 raise wire.ServerShuttingDown()
             if claim.owner_id != user_id:
                 raise wire.Forbidden("session belongs to another user")
+            if self.cluster is not None:
+                await self._reserve_in_cluster(user_id, session_id, connection_key, takes_over)
         except BaseException:
             self._release_user_slot(user_id)
             raise
@@ -442,8 +521,8 @@ class ChatServer:
             with trio.move_on_after(FINAL_WRITE_TIMEOUT_S):
                 await previous.finished.wait()
         # Looked up after that wait: a turn that ended during it, with nobody attached,
-        # let its LiveSession go. From here to `LiveSession.attach` (in
-        # `ChatConnection.run`) nothing awaits, so the session cannot go idle between.
+        # let its LiveSession go. From here on `expect_arrival` holds it until the
+        # connection attaches (in `ChatConnection.run`) or gives up.
         live = self._live.get(session_id)
         if live is None:
             live = self._live[session_id] = LiveSession(
@@ -453,15 +532,97 @@ class ChatServer:
                 turns=self._running_turns(),
                 timers=self.timers,
                 on_idle=self._forget_live_session,
+                cluster=self.cluster,
             )
+        live.expect_arrival()  # it stays until this connection attaches (or gives up)
         return ChatConnection(
             live,
             ws,
             stream,
+            key=connection_key,
             timers=self.timers,
             token_expiry=expiry,
             resumed=claim.resumed,
             history_length=claim.history_length,
+        )
+
+    async def _reserve_in_cluster(
+        self, user_id: str, session_id: str, connection_key: str, takes_over: bool
+    ) -> None:
+        """Count the connection against the user's limit on every instance. Raises
+        UserConnectionLimit, or ServerFull when Redis does not answer."""
+        assert self.cluster is not None
+        try:
+            takes_over = takes_over or await self.cluster.attached_elsewhere(session_id, user_id)
+            reserved = await self.cluster.reserve_user_slot(
+                user_id,
+                connection_key,
+                limit=self.config.max_connections_per_user,
+                takes_over=takes_over,
+            )
+        except ClusterUnavailable:
+            raise wire.ServerFull("service degraded: redis unreachable") from None
+        if not reserved:
+            raise wire.UserConnectionLimit()
+
+    def _on_command(self, command: Command) -> None:
+        """A command from another instance for a session whose turns run here."""
+        live = self._live.get(command.session_id)
+        if live is None:
+            return
+        if command.op == "stop":
+            live.stop()
+        elif command.op == "tool":
+            live.answer_tool(
+                wire.ToolResponse(
+                    type="tool_response",
+                    call_id=command.fields.get("call_id", ""),
+                    content=command.fields.get("content", ""),
+                )
+            )
+        elif command.op == "takeover":
+            if live.attached is not None and live.attached.key == command.fields.get(
+                "connection"
+            ):
+                live.hand_over()
+                live.remote_attached()
+        elif command.op == "attached":
+            live.remote_attached()
+        elif command.op == "detached":
+            live.remote_detached()
+
+    async def _store_dead_turn(
+        self, session_id: str, lease: Mapping[str, str], frames: list[dict[str, Any]]
+    ) -> None:
+        """Store a dead instance's running turn `interrupted`, with the text its frames
+        carried, and end it for whoever follows the session."""
+        turn_id, reply_to = lease.get("turn_id"), lease.get("reply_to")
+        if turn_id is None or reply_to is None:
+            return  # it died before its turn began: nothing was said
+        text = "".join(
+            frame.get("content", "")
+            for frame in frames
+            if frame.get("type") == "text_delta" and frame.get("turn_id") == turn_id
+        )
+        try:
+            await self.store.finish_turn(
+                session_id,
+                reply_to=int(reply_to),
+                turn_id=turn_id,
+                content=text,
+                status="interrupted",
+                response_id=None,
+                tool_calls=[],
+            )
+        except wire.StorageUnavailable:
+            log.error("session %s: a dead instance's turn could not be stored", session_id)
+            return
+        assert self.cluster is not None
+        end = wire.ResponseEnd(
+            turn_id=turn_id, full_content=text, status="interrupted", response_id=None
+        )
+        await self.cluster.publish(
+            session_id, [wire.encode(end), wire.encode(wire.Typing(is_typing=False))]
         )
 
     def _running_turns(self) -> trio.Nursery:
@@ -486,6 +647,7 @@ def build_agent(config: Config) -> AgentClient:
         api_key=config.api_key,
         model=config.model,
         idle_timeout_s=config.upstream_idle_timeout_s,
+        lean_reads=config.fast_paths,
     )
 
 
@@ -500,9 +662,10 @@ async def run_server(
     Started with `nursery.start(run_server, config)` it reports the ChatServer once
     listening (its `port` is set). With `handle_signals`, SIGTERM/SIGINT shut it down.
     """
-    store = await SessionStore.open(config.db_path)
+    store = await open_store(config.db_path)
     agent = build_agent(config)
-    server = ChatServer(config, store, agent)
+    cluster = Cluster(config.redis_url) if config.redis_url else None
+    server = ChatServer(config, store, agent, cluster=cluster)
 
     async def serve_then_stop_watching(task_status: trio.TaskStatus[int]) -> None:
         await server.serve(task_status=task_status)
@@ -585,6 +748,9 @@ def main(
         print(issue_token(config.jwt_secret, args.sub, args.ttl))
         return 0
     if args.command == "backup":
+        if is_postgres_url(config.db_path):
+            print("backup: the database is PostgreSQL; back it up with pg_dump", file=sys.stderr)
+            return 2
         try:
             backup_database(config.db_path, args.destination)
         except (OSError, sqlite3.Error, FileExistsError) as exc:

@@ -37,7 +37,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent_client import encode_sse, last_user_text, text_response_events  # noqa: E402
+from chat.demo_model import encode_sse, last_user_text, text_response_events  # noqa: E402
 
 REQUEST_READ_TIMEOUT_S = 10.0
 MAX_REQUEST_BYTES = 16 * 1024 * 1024

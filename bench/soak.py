@@ -50,7 +50,7 @@ from wsproto.utilities import LocalProtocolError
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from agent_client import encode_sse, text_response_events  # noqa: E402
+from chat.demo_model import encode_sse, text_response_events  # noqa: E402
 
 JWT_SECRET = "soak-secret-that-is-long-enough-for-hs256"
 UPSTREAM_DELTA_INTERVAL_S = 0.015

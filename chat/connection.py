@@ -163,12 +163,14 @@ class ChatConnection:
         ws: WebSocketConnection,
         stream: ClientStream,
         *,
+        key: str,
         timers: ConnectionTimers,
         token_expiry: float | None,
         resumed: bool,
         history_length: int,
     ) -> None:
         self.live = live
+        self.key = key  # names this connection to other instances (chat.cluster)
         self.services: TurnServices = live.services
         self.config: Config = live.services.config
         self._timers = timers
@@ -198,6 +200,7 @@ class ChatConnection:
             resumed=self.resumed,
             history_length=self.history_length,
         )
+        arriving = True  # admitted to `live` (expect_arrival), not attached yet
         try:
             # Written before anything can close the connection: every admitted client
             # learns it was admitted, even one taken over at once by a racing twin.
@@ -210,7 +213,9 @@ class ChatConnection:
                 else:
                     # The hand-over point: the running turn's replay is queued, and
                     # every later frame of the session comes here.
+                    arriving = False
                     self.live.attach(self)
+                    self.live.arrival_ended()
                 # An idle connection is these two tasks (plus trio-websocket's reader);
                 # the sender exists only while it has work: tasks are most of the
                 # memory an idle connection costs.
@@ -222,6 +227,8 @@ class ChatConnection:
             raise
         finally:
             self._nursery = None
+            if arriving:
+                self.live.arrival_ended()
             self.live.detach(self)
             with trio.CancelScope(shield=True):
                 await close_websocket(self.ws, self._close_error or wire.NormalClosure())

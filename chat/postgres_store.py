@@ -8,7 +8,7 @@ there). Only what PostgreSQL does differently is described here.
 
 Resource handling: psycopg's async API runs on asyncio only, so the store uses the
 sync `psycopg.Connection` in worker threads, as store.py does with sqlite3. It holds
-three connections, each used by one thread at a time through its own limiter of one:
+three connections (`_Link`), each used by one call and one thread at a time:
 
 - the *writer* runs every write, one transaction per public method (READ COMMITTED,
   the isolation the concurrency rules below are written for);
@@ -17,7 +17,7 @@ three connections, each used by one thread at a time through its own limiter of 
 - the *probe* runs `healthy()`'s `SELECT 1`, so a health check never queues behind
   a slow read or write.
 
-Two connections and not a pool (psycopg_pool): the store's callers already meet at
+Fixed connections and not a pool (psycopg_pool): the store's callers already meet at
 one writer and one reader as with SQLite, a pool's background threads and reconnect
 backoff would add waits this module does not bound itself, and three connections per
 instance keep many instances within PostgreSQL's `max_connections` (100 by default).
@@ -33,7 +33,11 @@ Time: every wait is bounded below the server's 10 s handshake and 20 s send time
 Connecting by CONNECT_TIMEOUT_S; each statement by STATEMENT_TIMEOUT_S and each lock
 wait by LOCK_TIMEOUT_S (both set at connect); a silent network by TCP keepalives and
 TCP_USER_TIMEOUT_S; a transaction left idle by a stuck process is ended by the server
-after IDLE_IN_TRANSACTION_TIMEOUT_S; `healthy()` answers within HEALTH_TIMEOUT_S.
+after IDLE_IN_TRANSACTION_TIMEOUT_S. Those are the database's and the kernel's; a
+server that hangs with the statement in hand fires none of them, so each call as a
+whole is bounded by CALL_TIMEOUT_S (`healthy()` by HEALTH_TIMEOUT_S), past which its
+connection is cut under its thread and the call fails. A cancelled caller waits for
+its call to end, as with store.py's threads (never longer than that bound).
 
 Concurrency (several instances write at once, where SQLite's write lock would let one
 at a time): a claim inserts with ON CONFLICT DO NOTHING, so of two instances creating
@@ -57,6 +61,9 @@ Error handling: a duplicate client message id raises `protocol.DuplicateMessage`
 database that cannot be reached, refuses, times out or is locked for too long raises
 `protocol.StorageUnavailable`, as does a write into a session deleted meanwhile. No
 psycopg exception escapes. Messages in logs and errors never hold the URL's password.
+A connection lost while its COMMIT was under way leaves the outcome unknown: the
+call fails, and a client that sends the message again with its id learns from
+DuplicateMessage that it was stored.
 
 Durability: a commit returns once PostgreSQL has it (its own `synchronous_commit`,
 on by default); a killed instance, or a crashed database server, loses nothing that
@@ -67,6 +74,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -124,6 +133,10 @@ _KEEPALIVE_IDLE_S = 4
 _KEEPALIVE_INTERVAL_S = 1
 _KEEPALIVE_COUNT = 3
 TCP_USER_TIMEOUT_S = 8.0
+# A call (connecting, its statements, committing) that takes longer has its connection
+# cut: the only bound on a server that accepted the statement and then hangs (stuck
+# storage, a stopped process), where its own timeouts cannot fire.
+CALL_TIMEOUT_S = 8.0
 # After a failed connect, calls fail at once for this long instead of connecting again.
 RECONNECT_BACKOFF_S = 1.0
 # `healthy()` answers False when the probe takes longer than this.
@@ -216,9 +229,6 @@ class PostgresStore:
         self._writer = writer
         self._reader = reader
         self._probe = probe
-        self._limiter = trio.CapacityLimiter(1)
-        self._read_limiter = trio.CapacityLimiter(1)
-        self._probe_limiter = trio.CapacityLimiter(1)
         self.write_observer: Callable[[float], None] | None = None
 
     @classmethod
@@ -249,22 +259,18 @@ class PostgresStore:
         return cls(writer, reader, probe)
 
     async def aclose(self) -> None:
-        """Close the connections, each once its thread is done with it (a health probe
-        that timed out may still be running: bounded by its own timeouts)."""
-        await trio.to_thread.run_sync(self._probe.close, limiter=self._probe_limiter)
-        await trio.to_thread.run_sync(self._reader.close, limiter=self._read_limiter)
-        await trio.to_thread.run_sync(self._writer.close, limiter=self._limiter)
+        """Close the connections, each once its thread is done with it (one cut off by
+        its call's timeout may still be ending: bounded by the connection's timeouts)."""
+        for link in (self._probe, self._reader, self._writer):
+            await link.aclose()
 
     async def healthy(self) -> bool:
         """Whether the database answers a `SELECT 1` within HEALTH_TIMEOUT_S. False
-        while it is down or unreachable; True again by itself once it is back."""
-        with trio.move_on_after(HEALTH_TIMEOUT_S):
-            # Abandoned on timeout: the probe's thread ends by its own timeouts, and
-            # holds the probe's limiter until then, so probes never pile up.
-            return await trio.to_thread.run_sync(
-                self._probe.ping, limiter=self._probe_limiter, abandon_on_cancel=True
-            )
-        return False
+        while it is down, unreachable or hung; True again by itself once it is back."""
+        try:
+            return await self._probe.call(self._probe.ping, timeout_s=HEALTH_TIMEOUT_S)
+        except StorageUnavailable:
+            return False
 
     async def integrity_check(self) -> str:
         """'ok' when the database answers and holds the schema this server knows."""
@@ -284,18 +290,14 @@ class PostgresStore:
         when the database cannot be used; `work` may raise it too."""
         started = time.perf_counter()
         try:
-            return await _in_thread(
-                lambda: self._writer.transaction(_BEGIN_WRITE, work), self._limiter
-            )
+            return await _call(self._writer, lambda: self._writer.transaction(_BEGIN_WRITE, work))
         finally:
             if self.write_observer is not None:
                 self.write_observer(time.perf_counter() - started)
 
     async def _read(self, work: Callable[[_Connection], _T]) -> _T:
         """Run `work` in one read transaction (one snapshot) on the reader."""
-        return await _in_thread(
-            lambda: self._reader.transaction(_BEGIN_READ, work), self._read_limiter
-        )
+        return await _call(self._reader, lambda: self._reader.transaction(_BEGIN_READ, work))
 
     # ------------------------------------------------------------------ sessions
 
@@ -584,15 +586,65 @@ class PostgresStore:
 
 
 class _Link:
-    """One connection to the database, used by one thread at a time (its caller holds
-    the store's limiter for it). Opened on first use and again after it broke, but
-    not within RECONNECT_BACKOFF_S of a failed attempt."""
+    """One connection to the database, used by one worker thread at a time. Opened on
+    first use and again after it broke, but not within RECONNECT_BACKOFF_S of a failed
+    attempt.
+
+    `call` runs from the event loop; the other public methods run in the worker
+    thread it starts, `interrupt` on the event loop while that thread waits."""
 
     def __init__(self, connect: Callable[[], _Connection], where: str) -> None:
         self._connect = connect
         self._where = where
         self._connection: _Connection | None = None
         self._failed_at: float | None = None  # time.monotonic() of the last failed connect
+        self._interrupted = False
+        self._lock = trio.Lock()  # one call at a time; waiting for it is cancellable
+        # The worker thread's token: held until the thread really ends, even past its
+        # call's timeout, so no two threads ever use the connection at once.
+        self._thread = trio.CapacityLimiter(1)
+
+    async def call(self, run: Callable[[], _T], *, timeout_s: float | None = None) -> _T:
+        """`run()` in a worker thread. Raises StorageUnavailable when it takes longer
+        than `timeout_s` (default CALL_TIMEOUT_S): then its connection is cut under it
+        (`interrupt`), which ends any wait on the network at once, and its thread ends
+        by itself.
+
+        Shielded from the caller's cancellation, as a thread that cannot be abandoned
+        is (store.py's): a cancelled caller waits until the call has ended (at most
+        `timeout_s`), so a write it started is never still running behind its back."""
+        if timeout_s is None:
+            timeout_s = CALL_TIMEOUT_S
+        async with self._lock:
+            with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+                return await trio.to_thread.run_sync(
+                    run, limiter=self._thread, abandon_on_cancel=True
+                )
+            log.warning(
+                "PostgreSQL %s did not answer within %.1f s: connection cut",
+                self._where,
+                timeout_s,
+            )
+            self.interrupt()
+        raise StorageUnavailable()
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            await trio.to_thread.run_sync(self.close, limiter=self._thread)
+
+    def interrupt(self) -> None:
+        """Shut the connection's socket down under the thread waiting on it, which then
+        fails at once ("server closed the connection"), as if the network had dropped."""
+        self._interrupted = True
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            # A duplicate of the descriptor, shut down: the socket itself is, for both.
+            with socket.socket(fileno=os.dup(connection.pgconn.socket)) as duplicate:
+                duplicate.shutdown(socket.SHUT_RDWR)
+        except (OSError, psycopg.Error):
+            pass  # already closed
 
     def connect_now(self) -> _Connection:
         """The connection, connected now if it is not. Raises psycopg.Error."""
@@ -627,12 +679,13 @@ class _Link:
 
     def _begin(self, statement: str) -> _Connection:
         """A connection on which `statement` (a BEGIN, a probe) just ran."""
+        self._interrupted = False
         connection, fresh = self._get()
         try:
             connection.execute(statement)
             return connection
         except psycopg.OperationalError:
-            if fresh or not connection.closed:
+            if fresh or not connection.closed or self._interrupted:
                 raise
         # The server closed it while it sat idle (a restart, an idle timeout): nothing
         # ran on it, so the statement runs again on a new connection, at once.
@@ -714,9 +767,10 @@ def _connector(url: str) -> tuple[Callable[[], _Connection], str]:
     return connect, where
 
 
-async def _in_thread(run: Callable[[], _T], limiter: trio.CapacityLimiter) -> _T:
+async def _call(link: _Link, run: Callable[[], _T]) -> _T:
+    """`link.call(run)`, with every psycopg error mapped to StorageUnavailable."""
     try:
-        return await trio.to_thread.run_sync(run, limiter=limiter)
+        return await link.call(run)
     except psycopg.OperationalError as error:
         # Lost, refused, timed out, locked out: the database's state, not a bug.
         log.warning("PostgreSQL refused: %s (%s)", type(error).__name__, error.sqlstate)

@@ -24,7 +24,7 @@ import protocol as wire
 from chat.auth import TokenVerifier
 from chat.connection import history_entry
 from chat.http_front import HttpAnswer, error_answer, json_answer
-from store import SessionInfo, SessionStore, StoredMessage
+from store import SessionInfo, Store, StoredMessage
 
 PREFIX = "/api/sessions"
 DEFAULT_PAGE_SIZE = 50
@@ -52,7 +52,7 @@ class SessionsApi:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: Store,
         verifier: TokenVerifier,
         *,
         is_running: Callable[[str], bool],

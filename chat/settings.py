@@ -79,6 +79,7 @@ class Config:
     log_content: bool = False
     detach_grace_s: float = 60.0
     retention_days: float | None = None
+    redis_url: str | None = None
     fast_paths: bool = True
     # Not flags: tests and embedders lower these to exercise the slow-peer rules.
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
@@ -291,6 +292,14 @@ SETTINGS: tuple[Setting, ...] = (
         _number(float, 0),
         "seconds a turn goes on without a connection (0: a disconnect cancels it)",
         "detach_grace_s",
+    ),
+    Setting(
+        "redis-url",
+        "CHAT_REDIS_URL",
+        _text,
+        "Redis for several instances of one service (none: one instance)",
+        "redis_url",
+        secret=True,
     ),
     Setting(
         "retention-days",

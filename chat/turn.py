@@ -48,7 +48,7 @@ from agent_client import (
 )
 from chat.ops import ServerMetrics
 from chat.settings import Config
-from store import SessionStore, StoredMessage, ToolCallRecord
+from store import Store, StoredMessage, ToolCallRecord
 
 log = logging.getLogger("chat")
 
@@ -61,7 +61,7 @@ class TurnServices:
     """What every turn of the server uses."""
 
     config: Config
-    store: SessionStore
+    store: Store
     agent: AgentClient
     metrics: ServerMetrics
 

@@ -28,8 +28,8 @@ from agent_client import (
     Incomplete,
     ResponseRequest,
     UpstreamError,
-    encode_sse,
 )
+from chat.demo_model import encode_sse
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

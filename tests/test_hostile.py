@@ -238,7 +238,7 @@ async def test_burst_of_one_users_connects_to_one_session_leaves_at_most_the_use
     assert all(o.connected for o in again), again
 
 
-async def test_burst_of_connects_over_max_connections_admits_at_most_the_limit_the_rest_1013(
+async def test_burst_of_connects_over_max_connections_admits_exactly_the_limit_the_rest_1013(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limit = 50
@@ -247,9 +247,11 @@ async def test_burst_of_connects_over_max_connections_admits_at_most_the_limit_t
 
     outcomes = await _Burst(server, [(f"g{n}", f"user{n}") for n in range(BURST)]).run()
 
+    # First come, first served: a herd larger than the limit does not lock out all of
+    # itself (every arrival finding the count over the limit).
     admitted = [o for o in outcomes if o.connected]
-    assert 0 < len(admitted) <= limit, len(admitted)
-    assert peaks.total <= limit
+    assert len(admitted) == limit, len(admitted)
+    assert peaks.total == limit
     assert all(o.open_at_end for o in admitted)
     assert {o.code for o in outcomes if not o.connected} == {1013}
     # Every slot came back: the limit's worth connects at once.
@@ -616,7 +618,9 @@ async def test_outside_write_lock_delays_no_read_and_writes_fail_after_the_busy_
                 await trio.to_thread.run_sync(outside.execute, "BEGIN IMMEDIATE")
             sent_at = trio.current_time()
             await alice.send(type="message", content="held up")
-            # Reads go on while the write waits for the lock, each answered at once.
+            # Reads go on while the write waits for the lock, each answered at once. The
+            # first may be served before the write reaches the writer thread; the later
+            # ones are asked a round trip after it, while it waits.
             for _ in range(3):
                 asked_at = trio.current_time()
                 assert await _history(bob) == []

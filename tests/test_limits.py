@@ -24,8 +24,8 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 import server as server_module
-from agent_client import encode_sse
 from chat.connection import ChatConnection
+from chat.demo_model import encode_sse
 from conftest import CLIENT_WAIT_S, open_chat, refusal, token_for, ws_url
 from fake_upstream import FakeUpstream, TextReply, _Exchange
 from server import ChatServer

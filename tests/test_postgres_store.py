@@ -5,14 +5,16 @@ The first part is the contract of `store.Store`: each test runs twice, on a
 and asserts the same thing of both: durability, duplicate ids, order, the chain point,
 the Sessions API's list, titles, renames, deletions, export and retention, cursor
 paging, another user's invisibility, and text that PostgreSQL's own text type refuses.
-The second part is what only PostgreSQL has: a database server that goes away and
-comes back, several instances on one database, another session's lock, migrations.
+The second part is what only PostgreSQL has: a database server that crashes and comes
+back, or hangs (a proxy that stops passing bytes); several instances on one database;
+another session's lock; the statement timeout; migrations; passwords kept out of
+errors and logs.
 
 Rules: the PostgreSQL server is real, started once for the session by
 `tests/postgres_server.py` on a free loopback port in a temporary directory and
 removed at the end; each test gets a database of its own. Without PostgreSQL's
 binaries the PostgreSQL tests are skipped outside CI and fail under CI=true
-(build/install-services.sh installs them). A `trio.fail_after` bound on every test;
+(build/install-services.sh installs them). A `trio.fail_after` bound on every test that does I/O;
 events awaited rather than sleeps, except where the only signal is a server coming
 back (polled, bounded). Another instance, or an operator, is played by a plain psycopg
 connection.
@@ -160,6 +162,76 @@ async def _pg_store(url: str) -> AsyncIterator[PostgresStore]:
         yield opened
     finally:
         await opened.aclose()
+
+
+@asynccontextmanager
+async def _table_locked(url: str) -> AsyncIterator[None]:
+    """Another session holding `LOCK TABLE messages IN EXCLUSIVE MODE` until the block
+    ends: inserts wait for it, reads do not."""
+    locked, release = trio.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(url, connect_timeout=10) as connection:
+            connection.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+            trio.from_thread.run_sync(locked.set)
+            release.wait(timeout=60)  # bounded even if the test forgot to release
+            connection.rollback()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, hold_lock)
+        await locked.wait()
+        try:
+            yield
+        finally:
+            release.set()
+
+
+class FreezableProxy:
+    """A loopback TCP proxy in front of PostgreSQL that can stop passing bytes while
+    every socket stays open: to a client, a server that accepted its statements and
+    then hangs (stuck storage, a stopped process), where no timeout of its own fires
+    and the kernel keeps acknowledging. `thaw` drops the connections it froze."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen = False
+        self._connections: set[trio.CancelScope] = set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self.frozen = False
+        for scope in self._connections:
+            scope.cancel()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._connections.add(scope)
+            try:
+                server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                async with client, server, trio.open_nursery() as pipes:
+                    pipes.start_soon(self._pipe, client, server, pipes.cancel_scope)
+                    pipes.start_soon(self._pipe, server, client, pipes.cancel_scope)
+            finally:
+                self._connections.discard(scope)
+
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some():
+                if self.frozen:
+                    await trio.sleep_forever()  # held, until `thaw` drops the connection
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        both.cancel()
 
 
 async def _say(store: Store, session_id: str, content: str, *, client_id: str | None = None) -> int:
@@ -408,15 +480,16 @@ async def test_another_users_session_is_invisible_and_untouchable(store: Store) 
 async def test_title_defaults_to_the_first_line_of_the_first_user_message(store: Store) -> None:
     long_line = "Please look into the invoice I got last week " + "x" * 100
     with trio.fail_after(WAIT_S):
-        for session_id in ("empty", "lines", "long", "blank"):
+        for session_id in ("empty", "lines", "long", "blank", "padded"):
             await store.claim_session(session_id, "alice")
         await _say(store, "lines", "  \n\n  Fix   the\tlogin page  \nIt fails with 500.")
+        await _say(store, "padded", " \r\n\t" * 200 + "Past the padding")
         await _say(store, "lines", "Second message is not the title")
         await _say(store, "long", long_line)
         await _say(store, "blank", " \n\t ")
         titles = {
             session_id: info.title
-            for session_id in ("empty", "lines", "long", "blank")
+            for session_id in ("empty", "lines", "long", "blank", "padded")
             if (info := await store.get_session("alice", session_id)) is not None
         }
     assert titles["empty"] == DEFAULT_TITLE
@@ -424,6 +497,7 @@ async def test_title_defaults_to_the_first_line_of_the_first_user_message(store:
     assert titles["long"] == "Please look into the invoice I got last week…"
     assert len(titles["long"]) <= TITLE_MAX_CHARS
     assert titles["blank"] == DEFAULT_TITLE
+    assert titles["padded"] == "Past the padding"  # leading whitespace is not counted
 
 
 async def test_rename_sets_the_title_and_does_not_count_as_activity(
@@ -735,41 +809,27 @@ async def test_instances_opening_a_new_database_at_once_create_the_schema_once(
 async def test_a_lock_held_elsewhere_fails_one_write_within_the_lock_timeout_while_reads_go_on(
     pg_url: str,
 ) -> None:
-    locked, release = trio.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        with psycopg.connect(pg_url, connect_timeout=10) as connection:
-            connection.execute("LOCK TABLE messages IN EXCLUSIVE MODE")  # reads still pass
-            trio.from_thread.run_sync(locked.set)
-            release.wait(timeout=60)  # bounded even if the test forgot to release
-            connection.rollback()
-
     with trio.fail_after(LOCK_TIMEOUT_S + WAIT_S):
         async with _pg_store(pg_url) as store:
             await store.claim_session("s", "alice")
             await _say(store, "s", "before the lock")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, hold_lock)
-                await locked.wait()
-                try:
-                    started = trio.current_time()
-                    write_failed = trio.Event()
+            async with _table_locked(pg_url), trio.open_nursery() as nursery:
+                started = trio.current_time()
+                write_failed = trio.Event()
 
-                    async def attempt_write() -> None:
-                        with pytest.raises(StorageUnavailable):
-                            await _say(store, "s", "stuck behind the lock")
-                        write_failed.set()
+                async def attempt_write() -> None:
+                    with pytest.raises(StorageUnavailable):
+                        await _say(store, "s", "stuck behind the lock")
+                    write_failed.set()
 
-                    nursery.start_soon(attempt_write)
-                    await trio.testing.wait_all_tasks_blocked()
-                    history = await store.history("s", 10)
-                    info = await store.get_session("alice", "s")
-                    read_s = trio.current_time() - started
-                    assert not write_failed.is_set(), "the reads waited for the stuck write"
-                    await write_failed.wait()
-                    failed_after_s = trio.current_time() - started
-                finally:
-                    release.set()
+                nursery.start_soon(attempt_write)
+                await trio.testing.wait_all_tasks_blocked()
+                history = await store.history("s", 10)
+                info = await store.get_session("alice", "s")
+                read_s = trio.current_time() - started
+                assert not write_failed.is_set(), "the reads waited for the stuck write"
+                await write_failed.wait()
+                failed_after_s = trio.current_time() - started
             await _say(store, "s", "after the lock")
             after = await store.history("s", 10)
     assert [m.content for m in history] == ["before the lock"]
@@ -777,6 +837,64 @@ async def test_a_lock_held_elsewhere_fails_one_write_within_the_lock_timeout_whi
     assert read_s < LOCK_TIMEOUT_S / 2
     assert LOCK_TIMEOUT_S * 0.9 <= failed_after_s < LOCK_TIMEOUT_S + 2.0
     assert [m.content for m in after] == ["before the lock", "after the lock"]
+
+
+async def test_a_statement_longer_than_the_statement_timeout_fails(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Here the statement waits for a lock, with a lock timeout set longer than it."""
+    statement_timeout_s = 0.5
+    monkeypatch.setattr(postgres_store, "STATEMENT_TIMEOUT_S", statement_timeout_s)
+    monkeypatch.setattr(postgres_store, "LOCK_TIMEOUT_S", 30.0)
+    with trio.fail_after(WAIT_S):
+        async with _pg_store(pg_url) as store:
+            await store.claim_session("s", "alice")
+            async with _table_locked(pg_url):
+                started = trio.current_time()
+                with pytest.raises(StorageUnavailable):
+                    await _say(store, "s", "stuck behind the lock")
+                failed_after_s = trio.current_time() - started
+            await _say(store, "s", "after the lock")
+    assert statement_timeout_s * 0.9 <= failed_after_s < statement_timeout_s + 2.0
+
+
+async def test_a_hung_database_fails_each_call_within_its_timeout_and_recovers(
+    postgres: PostgresServer, pg_url: str, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
+    """No timeout of PostgreSQL's fires when it hangs, nor TCP's while the peer's kernel
+    answers: the store's own call timeout cuts the connection."""
+    call_timeout_s = 1.0
+    monkeypatch.setattr(postgres_store, "CALL_TIMEOUT_S", call_timeout_s)
+    proxy = FreezableProxy(postgres.port)
+    proxy_port = await nursery.start(proxy.serve)
+    url = pg_url.replace(f":{postgres.port}/", f":{proxy_port}/")
+    with trio.fail_after(WAIT_S * 2):
+        async with _pg_store(url) as store:
+            await store.claim_session("s", "alice")
+            await _say(store, "s", "before the hang")
+            assert await store.healthy()
+
+            proxy.freeze()
+            started = trio.current_time()
+            assert not await store.healthy()
+            health_s = trio.current_time() - started
+            with pytest.raises(StorageUnavailable):
+                await _say(store, "s", "into the hang")
+            write_s = trio.current_time() - started - health_s
+            with pytest.raises(StorageUnavailable):
+                await store.history("s", 10)
+            read_s = trio.current_time() - started - health_s - write_s
+
+            proxy.thaw()
+            # Polled: nothing announces that the server answers again. Bounded above.
+            while not await store.healthy():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            await _say(store, "s", "after the hang")
+            history = await store.history("s", 10)
+    assert HEALTH_TIMEOUT_S * 0.9 <= health_s < HEALTH_TIMEOUT_S + 1.0
+    assert call_timeout_s * 0.9 <= write_s < call_timeout_s + 1.0
+    assert call_timeout_s * 0.9 <= read_s < call_timeout_s + 1.0
+    assert [m.content for m in history] == ["before the hang", "after the hang"]
 
 
 async def test_an_unreachable_database_refuses_to_open_without_showing_the_password(
@@ -811,11 +929,13 @@ async def test_a_database_migrated_by_a_newer_server_is_refused(pg_url: str) -> 
             await PostgresStore.open(pg_url)
 
 
-def test_test_databases_sort_text_unlike_bytes_where_the_server_can(
+async def test_test_databases_sort_text_unlike_bytes_where_the_server_can(
     postgres: PostgresServer, pg_url: str
 ) -> None:
     """So that the bytewise tie test above shows a forgotten "C" collation."""
     if not postgres.icu:
         pytest.skip("this PostgreSQL has no ICU: test databases sort as bytes anyway")
-    rows = _pg_execute(pg_url, "SELECT x FROM (VALUES ('B'), ('a')) AS v (x) ORDER BY x")
+    query = "SELECT x FROM (VALUES ('B'), ('a')) AS v (x) ORDER BY x"
+    with trio.fail_after(WAIT_S):
+        rows = await trio.to_thread.run_sync(_pg_execute, pg_url, query)
     assert rows == [("a",), ("B",)]
