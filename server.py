@@ -188,19 +188,15 @@ class ChatServer:
                 trio.SSLListener(listener, context, https_compatible=True) for listener in listeners
             ]
         scheme = "https" if self.config.tls_cert else "http"
-        async with trio.open_nursery() as services:
-            # The cluster outlives the handlers: a connection that ends during the drain
-            # still withdraws from Redis.
-            if self.cluster is not None:
-                await services.start(
-                    partial(
-                        self.cluster.run,
-                        on_command=self._on_command,
-                        on_dead_turn=self._store_dead_turn,
-                    )
-                )
-            await self._serve_connections(listeners, scheme, task_status)
-            services.cancel_scope.cancel()
+        serve = partial(self._serve_connections, listeners, scheme, task_status)
+        if self.cluster is None:
+            await serve()
+        else:
+            # The cluster wraps the server: whatever ends it, the turns and connections
+            # still reach Redis while they clean up.
+            await self.cluster.run(
+                serve, on_command=self._on_command, on_dead_turn=self._store_dead_turn
+            )
 
     async def _serve_connections(
         self,
@@ -258,8 +254,19 @@ class ChatServer:
                 await self._count_changed.wait()
 
     async def end_session(self, session_id: str) -> None:
-        """End a session's live side before it is deleted: its connection is closed
-        with 4410 and its running turn cancelled (stored, then deleted with the rest)."""
+        """End a session's live side before it is deleted, here and on every other
+        instance: its connection is closed with 4410 and its running turn cancelled
+        (stored, then deleted with the rest)."""
+        await self._end_local_session(session_id)
+        if self.cluster is not None:
+            try:
+                await self.cluster.end_session_everywhere(
+                    session_id, timeout_s=FINAL_WRITE_TIMEOUT_S
+                )
+            except ClusterUnavailable:
+                log.warning("session %s: deleted without reaching other instances", session_id)
+
+    async def _end_local_session(self, session_id: str) -> None:
         live = self._live.get(session_id)
         if live is None:
             return
@@ -267,9 +274,16 @@ class ChatServer:
             live.attached.close(wire.SessionDeleted())
         await live.end(timeout_s=FINAL_WRITE_TIMEOUT_S)
 
-    def _is_running(self, session_id: str) -> bool:
+    async def _is_running(self, session_id: str) -> bool:
         live = self._live.get(session_id)
-        return live is not None and live.running is not None
+        if live is not None and live.running is not None:
+            return True
+        if self.cluster is None:
+            return False
+        try:
+            return await self.cluster.turn_running(session_id)
+        except ClusterUnavailable:
+            return False
 
     async def _retention(self, older_than_s: float) -> None:
         """Delete sessions inactive for longer than the retention, hourly."""
@@ -570,7 +584,9 @@ class ChatServer:
         live = self._live.get(command.session_id)
         if live is None:
             return
-        if command.op == "stop":
+        if command.op == "delete":
+            self._running_turns().start_soon(self._end_local_session, command.session_id)
+        elif command.op == "stop":
             live.stop()
         elif command.op == "tool":
             live.answer_tool(

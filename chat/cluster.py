@@ -157,9 +157,9 @@ InterruptHandler = Callable[[str, Mapping[str, str], list[dict[str, Any]]], Awai
 class Cluster:
     """This instance's view of the service; see the module docstring.
 
-    Resource handling: `run` (one task for the server's lifetime) keeps the
-    liveness key and the leases renewed, reads this instance's commands, sweeps
-    dead instances' turns and watches Redis; it owns the Redis clients.
+    Resource handling: `run` wraps the server's lifetime: it owns the Redis clients
+    and, beside the server, keeps the liveness key and the leases renewed, reads
+    this instance's commands, sweeps dead instances' turns and watches Redis.
     """
 
     def __init__(self, redis_url: str) -> None:
@@ -177,13 +177,35 @@ class Cluster:
 
     async def run(
         self,
+        body: Callable[[], Awaitable[None]],
         *,
         on_command: CommandHandler,
         on_dead_turn: InterruptHandler,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve the cluster side of this instance until cancelled. Reports started
-        once Redis was tried (reachable or not: the monitor retries)."""
+        """Run `body` (the server) with the cluster side of this instance around it:
+        Redis is tried first (reachable or not: the monitor retries), and the Redis
+        clients outlive `body`, so that its clean-up (turns stored, leases given back,
+        connections withdrawn) still reaches Redis however it ends."""
+        async with trio.open_nursery() as keeper:
+            done_with_clients = trio.Event()
+            await keeper.start(self._hold_clients, done_with_clients)
+            try:
+                await self._check()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._monitor)
+                    nursery.start_soon(self._read_commands, on_command)
+                    nursery.start_soon(self._sweep, on_dead_turn)
+                    await body()
+                    nursery.cancel_scope.cancel()
+            finally:
+                done_with_clients.set()
+
+    async def _hold_clients(
+        self, done: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the Redis clients and keep them until `done`. Shielded: coredis runs
+        its connections in tasks of its own, which a cancellation of the server would
+        otherwise end before the server's clean-up has used them."""
         redis = coredis.Redis.from_url(
             self._url,
             decode_responses=True,
@@ -197,14 +219,11 @@ class Cluster:
             connect_timeout=REDIS_CALL_TIMEOUT_S,
             retry_policy=coredis.retry.NoRetryPolicy(),
         )
-        async with redis, blocking:
-            self._redis, self._blocking = redis, blocking
-            await self._check()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._monitor)
-                nursery.start_soon(self._read_commands, on_command)
-                nursery.start_soon(self._sweep, on_dead_turn)
+        with trio.CancelScope(shield=True):
+            async with redis, blocking:
+                self._redis, self._blocking = redis, blocking
                 task_status.started()
+                await done.wait()
 
     async def _call(self, request: Awaitable[Any]) -> Any:
         """One Redis call, time-boxed. Raises ClusterUnavailable (and marks it so)."""
@@ -436,6 +455,31 @@ class Cluster:
         if not lease or lease.get("instance") == self.instance_id:
             return None
         return RemoteTurn(lease["instance"], lease["start"])
+
+    async def end_session_everywhere(self, session_id: str, *, timeout_s: float) -> None:
+        """Tell the instances that hold the session (its connection, its turns) to end
+        it (4410, turn cancelled), and wait up to timeout_s for its turns to be over.
+        Raises ClusterUnavailable."""
+        holders: set[str] = set()
+        attached = await self._call(self._client.get(f"chat:attached:{session_id}"))
+        if attached:
+            holders.add(str(attached).partition(" ")[0])
+        remote = await self.remote_turn(session_id)
+        if remote is not None:
+            holders.add(remote.instance)
+        holders.discard(self.instance_id)
+        for instance in holders:
+            await self.send_command(instance, "delete", session_id)
+        # Another instance's turn ending is news in Redis only: look, a bounded number
+        # of times.
+        for _ in range(max(1, int(timeout_s / LEASE_POLL_S))):
+            if await self.remote_turn(session_id) is None:
+                return
+            await trio.sleep(LEASE_POLL_S)
+
+    async def turn_running(self, session_id: str) -> bool:
+        """Whether some instance runs a turn of this session now."""
+        return bool(await self._call(self._client.exists([f"chat:turn:{session_id}"])))
 
     async def publish(self, session_id: str, frames: list[str]) -> None:
         """Append frames (JSON text) to the session's stream, in order."""

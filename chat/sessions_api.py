@@ -55,7 +55,7 @@ class SessionsApi:
         store: Store,
         verifier: TokenVerifier,
         *,
-        is_running: Callable[[str], bool],
+        is_running: Callable[[str], Awaitable[bool]],
         end_session: Callable[[str], Awaitable[None]],
     ) -> None:
         self._store = store
@@ -107,7 +107,7 @@ class SessionsApi:
             raise _BadRequest("cursor: not a cursor this server gave out") from None
         return json_answer(
             200,
-            {"sessions": [self._view(info) for info in sessions], "next_cursor": next_cursor},
+            {"sessions": [await self._view(info) for info in sessions], "next_cursor": next_cursor},
         )
 
     async def _session(self, request: ApiRequest, user_id: str, session_id: str) -> HttpAnswer:
@@ -124,7 +124,7 @@ class SessionsApi:
             return HttpAnswer(204)
         else:
             return _not_allowed("GET, PATCH, DELETE")
-        return _NO_SUCH_SESSION if info is None else json_answer(200, self._view(info))
+        return _NO_SUCH_SESSION if info is None else json_answer(200, await self._view(info))
 
     async def _export(self, request: ApiRequest, user_id: str, session_id: str) -> HttpAnswer:
         if request.method not in ("GET", "HEAD"):
@@ -138,7 +138,7 @@ class SessionsApi:
         info, messages = exported
         if export_format == "json":
             entries = [history_entry(message).model_dump(mode="json") for message in messages]
-            return json_answer(200, {"session": self._view(info), "messages": entries})
+            return json_answer(200, {"session": await self._view(info), "messages": entries})
         filename = quote(f"{info.id}.md")
         return HttpAnswer(
             200,
@@ -147,7 +147,7 @@ class SessionsApi:
             (("content-disposition", f"attachment; filename*=UTF-8''{filename}"),),
         )
 
-    def _view(self, info: SessionInfo) -> dict[str, Any]:
+    async def _view(self, info: SessionInfo) -> dict[str, Any]:
         return {
             "id": info.id,
             "title": info.title,
@@ -155,7 +155,7 @@ class SessionsApi:
             "updated_at": info.updated_at,
             "message_count": info.message_count,
             "last_status": info.last_status,
-            "running": self._is_running(info.id),
+            "running": await self._is_running(info.id),
         }
 
 
