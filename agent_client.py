@@ -1,19 +1,24 @@
 """Upstream model client: one streamed OpenAI Responses API call per turn.
 
 This module owns the Responses API: building the ``POST {base_url}/responses``
-request and its input items (``input_items``, ``function_call_item``,
-``function_output_item``, ``assistant_item``; ``parse_arguments`` and the
-``TOOL_*_OUTPUT`` texts for tool calls), retrying what is safe to retry, reading the
-body (its content coding undone in bounded pieces, ``ContentDecoder``) and its SSE
-stream (``SSEParser``), mapping upstream events to the small event set below, and
-closing the upstream connection the moment the caller leaves the stream's context.
+request (``ResponseRequest``) and its input items (``input_items``: the stored
+history, tool calls and their outputs in the API's shape; the ``TOOL_*_OUTPUT``
+texts; ``parse_arguments``), retrying what is safe to retry, reading the body
+within its bounds, mapping upstream events to the small event set below, and closing
+the upstream connection the moment the caller leaves the stream's context.
 
-Two neighbours own the rest: ``chat.upstream_transport``, the only code beneath
-httpx (lean reads on plain TCP and a chunked body decoded off httpx's pooled
-connection; ``AgentClient(lean_reads=False)`` uses plain httpx instead, and
-``AgentClient.lean_reads_active`` says whether it applies), and ``chat.demo_model``,
-the offline demo model and the synthetic streams the fakes reuse (re-exported here:
-``DemoModelTransport``, ``encode_sse``, ``text_response_events``, ``last_user_text``).
+Its neighbours own the byte-level rest:
+
+- ``chat.content_coding`` (``ContentDecoder``) and ``chat.sse`` (``SSEParser``): the
+  body's content coding undone in bounded pieces, then its events framed; both pure,
+  their errors become UpstreamProtocolError here, in one place (``_events``);
+- ``chat.upstream_transport``: the only code beneath httpx (lean reads on plain TCP
+  and a chunked body decoded off httpx's pooled connection;
+  ``AgentClient(lean_reads=False)`` uses plain httpx instead, and
+  ``AgentClient.lean_reads_active`` says whether it applies);
+- ``chat.demo_model``: the offline demo model and the synthetic streams the fakes
+  reuse (``DemoModelTransport``, ``encode_sse``, ``text_response_events``,
+  ``last_user_text``).
 
 Our events (frozen dataclasses)::
 
@@ -57,8 +62,7 @@ import json
 import logging
 import random
 import re
-import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -67,6 +71,13 @@ from typing import Any, Protocol, cast
 import httpx
 import trio
 
+from chat.content_coding import (
+    DECODE_PIECE_BYTES,
+    ContentCodingError,
+    ContentDecoder,
+    content_coding,
+)
+from chat.sse import SSEEventTooLarge, SSEParser
 from chat.upstream_transport import (
     BodyFramingError,
     body_chunks,
@@ -88,17 +99,10 @@ BODY_DRAIN_TIMEOUT_S = 0.05
 # anyway. A whole answer, events and all, is a few MiB; a compressed body that inflates
 # past this is a bomb (525 KB of gzip inflated to 512 MiB froze the server for 57 s).
 MAX_INFLATED_BODY_BYTES = 64 * 1024 * 1024
-# The body is decoded and parsed at most this much per step of the event loop: 16 KB
-# of the costliest SSE (empty comments, ":\n\n") takes ~3 ms to parse here, the same
-# as one lean read of an uncompressed body (chat.upstream_transport.LEAN_READ_BYTES).
-DECODE_PIECE_BYTES = 16 * 1024
 
 _PREVIOUS_NOT_FOUND_RE = re.compile(r"previous response with id .* not found", re.IGNORECASE)
 # OpenAI echoes (partly masked) keys in 401 messages; strip anything key-shaped.
 _KEY_LIKE_RE = re.compile(r"sk-[A-Za-z0-9_\-*]{4,}")
-# zlib's window bits for the two content codings we undo (RFC 9110 §8.4.1).
-_GZIP_WBITS = 16 + zlib.MAX_WBITS
-_DEFLATE_WBITS = zlib.MAX_WBITS
 
 
 # --- exceptions ---------------------------------------------------------------
@@ -293,132 +297,6 @@ def _str_or_none(value: object) -> str | None:
 
 def _excerpt(text: str, limit: int = 200) -> str:
     return repr(text[:limit] + ("…" if len(text) > limit else ""))
-
-
-class SSEParser:
-    """Server-sent events (the WHATWG ``text/event-stream`` format) from raw bytes.
-
-    Pure, no I/O: ``feed`` takes each network chunk and returns the data of every
-    event the chunk completes, so the caller sees which events arrived together.
-    Lines may end in LF, CRLF or CR; ``data`` lines are joined with LF, other
-    fields and comments (keep-alives) are skipped, and an unfinished event at the
-    end of the stream is dropped, as the standard says. Events with no data carry
-    nothing for us and are not returned.
-    Bounded: an event that grows past ``max_event_bytes`` without ending raises
-    UpstreamProtocolError (at most that plus one chunk is ever buffered).
-    """
-
-    def __init__(self, max_event_bytes: int) -> None:
-        self._max_event_bytes = max_event_bytes
-        self._pending = b""  # the unfinished event, line ends already LF
-        self._cr_held = False  # the last chunk ended in CR: the next may start with its LF
-        self._at_start = True
-
-    def feed(self, chunk: bytes) -> list[str]:
-        if self._at_start and chunk:
-            self._at_start = False
-            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
-        if self._cr_held:
-            chunk, self._cr_held = b"\r" + chunk, False
-        if b"\r" in chunk:
-            if chunk.endswith(b"\r"):
-                chunk, self._cr_held = chunk[:-1], True
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._pending + chunk
-        events: list[str] = []
-        start = 0
-        while (end := buffer.find(b"\n\n", start)) >= 0:
-            data = _event_data(buffer[start:end])
-            if data:
-                events.append(data)
-            start = end + 2
-        self._pending = buffer[start:]
-        if len(self._pending) > self._max_event_bytes:
-            raise UpstreamProtocolError(
-                f"upstream SSE event exceeds {self._max_event_bytes} bytes without ending"
-            )
-        return events
-
-
-def _event_data(block: bytes) -> str | None:
-    """The data of one event's lines (LF-separated, no blank line among them but
-    perhaps leading ones), or None if it has no data field."""
-    data: list[bytes] = []
-    for line in block.split(b"\n"):
-        if line.startswith(b"data"):
-            name, _, value = line.partition(b":")
-            if name == b"data":
-                data.append(value[1:] if value.startswith(b" ") else value)
-    if not data:
-        return None
-    # Event boundaries are ASCII, so no UTF-8 sequence is ever cut between events.
-    return b"\n".join(data).decode("utf-8", errors="replace")
-
-
-def _content_coding(headers: httpx.Headers) -> str:
-    """The content coding of a body: "identity", "gzip" or "deflate". Raises
-    UpstreamProtocolError for any other, and for more than one applied in turn."""
-    codings = [c.strip().lower() for c in headers.get_list("content-encoding", split_commas=True)]
-    applied = [c for c in codings if c not in ("", "identity")]
-    if not applied:
-        return "identity"
-    if len(applied) == 1 and applied[0] in ("gzip", "x-gzip", "deflate"):
-        return "deflate" if applied[0] == "deflate" else "gzip"
-    raise UpstreamProtocolError(
-        f"upstream body has content coding {', '.join(applied)!r}, which we cannot undo"
-    )
-
-
-class ContentDecoder:
-    """The payload of a body in its content coding, in pieces of bounded size.
-
-    Pure, no I/O: ``feed`` takes each raw chunk and returns an iterator over the
-    payload it carries, pieces of at most ``piece_bytes`` made one at a time as the
-    iterator is advanced, so the caller can give its event loop a turn between
-    pieces: a small compressed chunk never inflates in one go. "identity" passes the
-    chunk on (cut to size); "gzip" (one member after another) and "deflate" (the zlib
-    format) are inflated. Bounded: raises UpstreamProtocolError once the inflated
-    payload passes ``max_bytes`` in all, and for data that is not in its coding.
-    """
-
-    def __init__(
-        self, coding: str, *, max_bytes: int, piece_bytes: int = DECODE_PIECE_BYTES
-    ) -> None:
-        self.coding = coding
-        self._max_bytes = max_bytes
-        self._piece_bytes = piece_bytes
-        self._inflater: zlib._Decompress | None = None
-        if coding != "identity":
-            self._inflater = zlib.decompressobj(_GZIP_WBITS if coding == "gzip" else _DEFLATE_WBITS)
-        self._inflated_bytes = 0
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        if self.coding == "identity":
-            for start in range(0, len(data), self._piece_bytes):
-                yield data[start : start + self._piece_bytes]
-            return
-        pending = data
-        while pending and (inflater := self._inflater) is not None:
-            try:
-                piece = inflater.decompress(pending, self._piece_bytes)
-            except zlib.error as exc:
-                raise UpstreamProtocolError(
-                    f"upstream body is not valid {self.coding}: {exc}"
-                ) from exc
-            pending = inflater.unconsumed_tail
-            if inflater.eof:
-                if self.coding == "gzip":  # what follows a member is the next member
-                    pending = inflater.unused_data
-                    self._inflater = zlib.decompressobj(_GZIP_WBITS)
-                else:  # nothing after the end of a zlib stream is payload
-                    self._inflater = None
-            if piece:
-                self._inflated_bytes += len(piece)
-                if self._inflated_bytes > self._max_bytes:
-                    raise UpstreamProtocolError(
-                        f"upstream {self.coding} body inflates past {self._max_bytes} bytes"
-                    )
-                yield piece
 
 
 def _redact(text: str, secret: str | None) -> str:
@@ -752,16 +630,12 @@ class AgentClient:
                 code=code,
             )
         content_type = response.headers.get("content-type", "")
-        try:
-            if content_type.partition(";")[0].strip().lower() != "text/event-stream":
-                raise UpstreamProtocolError(
-                    f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
-                    " not text/event-stream"
-                )
-            _content_coding(response.headers)
-        except UpstreamProtocolError:
+        if content_type.partition(";")[0].strip().lower() != "text/event-stream":
             await self._close(response)
-            raise
+            raise UpstreamProtocolError(
+                f"upstream answered HTTP {status} with {content_type or 'no content-type'!r},"
+                " not text/event-stream"
+            )
         return response
 
     def _payload(self, request: ResponseRequest) -> dict[str, Any]:
@@ -818,7 +692,7 @@ class AgentClient:
         body = bytearray()
         try:
             decoder = ContentDecoder(
-                _content_coding(response.headers), max_bytes=MAX_INFLATED_BODY_BYTES
+                content_coding(response.headers), max_bytes=MAX_INFLATED_BODY_BYTES
             )
             async with aclosing(self._raw_body(response)) as chunks:
                 async for chunk in chunks:
@@ -826,7 +700,7 @@ class AgentClient:
                         body += piece
                         if len(body) >= MAX_ERROR_BODY_BYTES:
                             return bytes(body[:MAX_ERROR_BODY_BYTES])
-        except (httpx.HTTPError, BodyFramingError, UpstreamProtocolError):
+        except (httpx.HTTPError, BodyFramingError, ContentCodingError):
             pass
         return bytes(body)
 
@@ -852,11 +726,6 @@ class AgentClient:
     async def _events(
         self, response: httpx.Response, silence: trio.CancelScope
     ) -> AsyncGenerator[AgentEvent, None]:
-        chunks = self._raw_body(response)
-        decoder = ContentDecoder(
-            _content_coding(response.headers), max_bytes=MAX_INFLATED_BODY_BYTES
-        )
-        identity = decoder.coding == "identity"
         # The silence deadline moves at most once per slack_s (moving it costs more than
         # an SSE event): silence is still allowed idle_timeout_s, and at most slack_s more.
         slack_s = self._idle_timeout_s / 8
@@ -864,7 +733,12 @@ class AgentClient:
         parser = SSEParser(MAX_SSE_EVENT_BYTES)
         response_id: str | None = None
         try:
-            async with aclosing(chunks):
+            # Before the body is touched: a content coding we cannot undo fails here.
+            decoder = ContentDecoder(
+                content_coding(response.headers), max_bytes=MAX_INFLATED_BODY_BYTES
+            )
+            identity = decoder.coding == "identity"
+            async with aclosing(self._raw_body(response)) as chunks:
                 async for chunk in chunks:
                     now = trio.current_time()
                     if now >= push_at:
@@ -913,6 +787,9 @@ class AgentClient:
             ) from exc
         except BodyFramingError as exc:
             raise UpstreamProtocolError(_redact(str(exc), self._api_key)) from exc
+        except (ContentCodingError, SSEEventTooLarge) as exc:
+            # The one place a body we cannot decode becomes our callers' error.
+            raise UpstreamProtocolError(f"upstream {exc}") from exc
         raise UpstreamProtocolError("upstream stream ended without a terminal event")
 
 

@@ -1,14 +1,15 @@
-"""Sessions and their history in PostgreSQL: the only module that touches a PostgreSQL
-database. Instances on several hosts share one with `--db postgresql://...`.
+"""Sessions and their history in PostgreSQL: the only module with SQL for a PostgreSQL
+database (its connections are `chat.postgres_connections`'s, the escaping of its text
+`chat.postgres_text`'s). Instances on several hosts share one with
+`--db postgresql://...`.
 
 `PostgresStore` has `store.Store`'s API with `store.SessionStore`'s semantics: the
 same dataclasses, errors, `(anchor, id)` order, chain point, titles, cursors and
 retention (see store.py's docstring; the logic that needs no SQL is imported from
 there). Only what PostgreSQL does differently is described here.
 
-Resource handling: psycopg's async API runs on asyncio only, so the store uses the
-sync `psycopg.Connection` in worker threads, as store.py does with sqlite3. It holds
-three connections (`_Link`), each used by one call and one thread at a time:
+Resource handling: the store holds three connections (`chat.postgres_connections.Link`:
+each used by one call and one worker thread at a time, opened and reopened there):
 
 - the *writer* runs every write, one transaction per public method (READ COMMITTED,
   the isolation the concurrency rules below are written for);
@@ -22,22 +23,11 @@ one writer and one reader as with SQLite, a pool's background threads and reconn
 backoff would add waits this module does not bound itself, and three connections per
 instance keep many instances within PostgreSQL's `max_connections` (100 by default).
 
-Reconnection: a connection is opened on first use and again after it broke (the
-server restarted, the network dropped), but not more often than once per
-RECONNECT_BACKOFF_S: while the database is down, a queue of writes fails at once
-instead of each waiting for its own connect timeout. A connection the server closed
-while it sat idle is replaced at once and the transaction begun again: nothing of it
-had run.
-
-Time: every wait is bounded below the server's 10 s handshake and 20 s send timeouts.
-Connecting by CONNECT_TIMEOUT_S; each statement by STATEMENT_TIMEOUT_S and each lock
-wait by LOCK_TIMEOUT_S (both set at connect); a silent network by TCP keepalives and
-TCP_USER_TIMEOUT_S; a transaction left idle by a stuck process is ended by the server
-after IDLE_IN_TRANSACTION_TIMEOUT_S. Those are the database's and the kernel's; a
-server that hangs with the statement in hand fires none of them, so each call as a
-whole is bounded by CALL_TIMEOUT_S (`healthy()` by HEALTH_TIMEOUT_S), past which its
-connection is cut under its thread and the call fails. A cancelled caller waits for
-its call to end, as with store.py's threads (never longer than that bound).
+Time: each call is bounded as `chat.postgres_connections` describes (connecting,
+each statement, each lock wait, a silent network; each call as a whole by
+CALL_TIMEOUT_S, past which its connection is cut), `healthy()` by HEALTH_TIMEOUT_S.
+A cancelled caller waits for its call to end, as with store.py's threads (never longer
+than that bound).
 
 Concurrency (several instances write at once, where SQLite's write lock would let one
 at a time): a claim inserts with ON CONFLICT DO NOTHING, so of two instances creating
@@ -47,9 +37,8 @@ deletion (`ON DELETE CASCADE` from the session row) waits for them, or they find
 session gone. Retention skips sessions locked by a write in progress: they are active.
 
 Text: PostgreSQL's text cannot hold U+0000, which SQLite stores and a client may send.
-Every string goes in and comes out through `_EscapingStr*` adapters that write U+0000
-as U+FFFF "0" and U+FFFF as U+FFFF "1" (a noncharacter; nothing else changes), so
-every text round-trips and ordinary text is stored as it is. Timestamps are the same
+Every string goes in and comes out escaped (`chat.postgres_text`), so every text
+round-trips and ordinary text is stored as it is. Timestamps are the same
 fixed-width strings as in SQLite, and ids, timestamps and owners use the "C" collation,
 so they compare and sort bytewise as in SQLite whatever the database's locale.
 
@@ -60,7 +49,8 @@ the versions applied. A database migrated by a newer server is refused.
 Error handling: a duplicate client message id raises `protocol.DuplicateMessage`; a
 database that cannot be reached, refuses, times out or is locked for too long raises
 `protocol.StorageUnavailable`, as does a write into a session deleted meanwhile. No
-psycopg exception escapes. Messages in logs and errors never hold the URL's password.
+psycopg exception escapes (`chat.postgres_connections.call_or_unavailable` maps those
+of every call). Messages in logs and errors never hold the URL's password.
 A connection lost while its COMMIT was under way leaves the outcome unknown: the
 call fails, and a client that sends the message again with its id learns from
 DuplicateMessage that it was stored.
@@ -73,30 +63,24 @@ was committed.
 from __future__ import annotations
 
 import json
-import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-import psycopg.conninfo
 import psycopg.errors
 import trio
-from psycopg.adapt import Buffer
 from psycopg.rows import TupleRow
-from psycopg.types.string import (
-    StrBinaryDumper,
-    StrDumper,
-    StrDumperUnknown,
-    TextBinaryLoader,
-    TextLoader,
-)
 
+from chat.postgres_connections import (
+    Link,
+    PgConnection,
+    call_or_unavailable,
+    connector,
+    first_line,
+)
 from protocol import DuplicateMessage, StorageUnavailable, TurnStatus, utc_timestamp
 from store import (
-    BUSY_TIMEOUT_S,
     SESSION_DELETED_MESSAGE,
     TITLE_SOURCE_CHARS,
     ChainPoint,
@@ -110,35 +94,8 @@ from store import (
     split_page,
 )
 
-log = logging.getLogger(__name__)
-
 _T = TypeVar("_T")
-_Connection = psycopg.Connection[TupleRow]
 
-# libpq counts whole seconds and takes at least 2. A database that does not answer a
-# connect within this is down for this request's purposes.
-CONNECT_TIMEOUT_S = 3
-# How long a write waits for a row or table lock another transaction holds (another
-# instance writing the same session, an operator's LOCK): as SQLite's busy timeout.
-LOCK_TIMEOUT_S = BUSY_TIMEOUT_S
-# Any one statement. Ours touch a few rows by index (milliseconds); a retention batch
-# deletes up to PURGE_BATCH_SESSIONS sessions' messages. Well below the 10 s handshake.
-STATEMENT_TIMEOUT_S = 5.0
-# A transaction idle this long (its process stuck or gone) is ended by the server,
-# which releases its locks for the other instances.
-IDLE_IN_TRANSACTION_TIMEOUT_S = 10.0
-# A peer that stops answering mid-statement (a dead host, a dropped network): TCP
-# keepalives probe an idle wait, TCP_USER_TIMEOUT_S bounds unacknowledged sends.
-_KEEPALIVE_IDLE_S = 4
-_KEEPALIVE_INTERVAL_S = 1
-_KEEPALIVE_COUNT = 3
-TCP_USER_TIMEOUT_S = 8.0
-# A call (connecting, its statements, committing) that takes longer has its connection
-# cut: the only bound on a server that accepted the statement and then hangs (stuck
-# storage, a stopped process), where its own timeouts cannot fire.
-CALL_TIMEOUT_S = 8.0
-# After a failed connect, calls fail at once for this long instead of connecting again.
-RECONNECT_BACKOFF_S = 1.0
 # `healthy()` answers False when the probe takes longer than this.
 HEALTH_TIMEOUT_S = 2.0
 # Creating or migrating the schema at `open` may wait for another instance doing it.
@@ -225,7 +182,7 @@ class PostgresStore:
     Every method runs in a worker thread (see the module docstring): reads on the
     reader, writes on the writer, each write one transaction."""
 
-    def __init__(self, writer: _Link, reader: _Link, probe: _Link) -> None:
+    def __init__(self, writer: Link, reader: Link, probe: Link) -> None:
         self._writer = writer
         self._reader = reader
         self._probe = probe
@@ -241,8 +198,8 @@ class PostgresStore:
 
     @classmethod
     def _open_sync(cls, url: str) -> PostgresStore:
-        connect, where = _connector(url)
-        writer, reader, probe = _Link(connect, where), _Link(connect, where), _Link(connect, where)
+        connect, where = connector(url)
+        writer, reader, probe = Link(connect, where), Link(connect, where), Link(connect, where)
         try:
             _migrate(writer.connect_now())
             reader.connect_now()
@@ -250,7 +207,7 @@ class PostgresStore:
             writer.close()
             reader.close()
             raise StorageUnavailable(
-                f"could not open the PostgreSQL database {where}: {_first_line(error)}"
+                f"could not open the PostgreSQL database {where}: {first_line(error)}"
             ) from None
         except BaseException:
             writer.close()
@@ -275,7 +232,7 @@ class PostgresStore:
     async def integrity_check(self) -> str:
         """'ok' when the database answers and holds the schema this server knows."""
 
-        def read(db: _Connection) -> str:
+        def read(db: PgConnection) -> str:
             version = _schema_version(db)
             if version != SCHEMA_VERSION:
                 return f"schema version {version}, this server knows {SCHEMA_VERSION}"
@@ -285,19 +242,23 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _write(self, work: Callable[[_Connection], _T]) -> _T:
+    async def _write(self, work: Callable[[PgConnection], _T]) -> _T:
         """Run `work` in one write transaction on the writer. Raises StorageUnavailable
         when the database cannot be used; `work` may raise it too."""
         started = time.perf_counter()
         try:
-            return await _call(self._writer, lambda: self._writer.transaction(_BEGIN_WRITE, work))
+            return await call_or_unavailable(
+                self._writer, lambda: self._writer.transaction(_BEGIN_WRITE, work)
+            )
         finally:
             if self.write_observer is not None:
                 self.write_observer(time.perf_counter() - started)
 
-    async def _read(self, work: Callable[[_Connection], _T]) -> _T:
+    async def _read(self, work: Callable[[PgConnection], _T]) -> _T:
         """Run `work` in one read transaction (one snapshot) on the reader."""
-        return await _call(self._reader, lambda: self._reader.transaction(_BEGIN_READ, work))
+        return await call_or_unavailable(
+            self._reader, lambda: self._reader.transaction(_BEGIN_READ, work)
+        )
 
     # ------------------------------------------------------------------ sessions
 
@@ -305,7 +266,7 @@ class PostgresStore:
         """Create the session for `user_id` if new; report its owner either way.
         A write, even for an existing session: it fails when writes do."""
 
-        def claim(db: _Connection) -> SessionClaim:
+        def claim(db: PgConnection) -> SessionClaim:
             now = utc_timestamp()
             # Twice at most: the session may be deleted between the two statements.
             for _ in range(2):
@@ -340,7 +301,7 @@ class PostgresStore:
         malformed cursor."""
         after = list_position(limit, cursor)
 
-        def read(db: _Connection) -> list[SessionInfo]:
+        def read(db: PgConnection) -> list[SessionInfo]:
             where, parameters = "s.owner = %s", [owner_id]
             if after is not None:
                 where += " AND (s.updated_at, s.id) < (%s, %s)"
@@ -364,7 +325,7 @@ class PostgresStore:
         session, or None when it does not exist or another user owns it. Not activity:
         `updated_at`, and so the session's place in the list, stay as they were."""
 
-        def rename(db: _Connection) -> SessionInfo | None:
+        def rename(db: PgConnection) -> SessionInfo | None:
             db.execute(
                 "UPDATE sessions SET title = %s WHERE id = %s AND owner = %s",
                 (title, session_id, owner_id),
@@ -379,7 +340,7 @@ class PostgresStore:
         the id is free; writes still aimed at the deleted session fail with
         StorageUnavailable (as `SessionStore.delete_session`)."""
 
-        def delete(db: _Connection) -> bool:
+        def delete(db: PgConnection) -> bool:
             # Its messages go with it (ON DELETE CASCADE), those committed by a write
             # this statement waited for included.
             row = db.execute(
@@ -396,7 +357,7 @@ class PostgresStore:
         """The session and its whole conversation in order, read from one snapshot; None
         when it does not exist or another user owns it."""
 
-        def read(db: _Connection) -> tuple[SessionInfo, list[StoredMessage]] | None:
+        def read(db: PgConnection) -> tuple[SessionInfo, list[StoredMessage]] | None:
             info = _owned_session(db, owner_id, session_id)
             if info is None:
                 return None
@@ -412,7 +373,7 @@ class PostgresStore:
         Raises ValueError for a negative age."""
         cutoff = inactive_cutoff(older_than_s)
 
-        def purge_batch(db: _Connection) -> list[str]:
+        def purge_batch(db: PgConnection) -> list[str]:
             # The condition is checked again on the locked row: a session that became
             # active since the cutoff was computed is not touched.
             rows = db.execute(
@@ -445,7 +406,7 @@ class PostgresStore:
         created_at = utc_timestamp()
         metadata_json = json.dumps(metadata) if metadata is not None else None
 
-        def insert(db: _Connection) -> int:
+        def insert(db: PgConnection) -> int:
             try:
                 # A user message anchors at its own id, taken from the sequence first.
                 (row_id,) = _one(
@@ -493,7 +454,7 @@ class PostgresStore:
         no longer in the session (deleted meanwhile)."""
         created_at = utc_timestamp()
 
-        def insert(db: _Connection) -> int:
+        def insert(db: PgConnection) -> int:
             # Locked: a deletion of the session waits for this turn's commit (and then
             # deletes it too) instead of deleting the question under it.
             question = db.execute(
@@ -540,7 +501,7 @@ class PostgresStore:
     async def history(self, session_id: str, limit: int) -> list[StoredMessage]:
         """The latest `limit` messages, oldest first."""
 
-        def read(db: _Connection) -> list[StoredMessage]:
+        def read(db: PgConnection) -> list[StoredMessage]:
             rows = db.execute(
                 f"SELECT {_COLUMNS} FROM messages WHERE session_id = %s"
                 " ORDER BY anchor DESC, id DESC LIMIT %s",
@@ -563,7 +524,7 @@ class PostgresStore:
         `up_to`: up to and including that user message's turn)."""
         last_anchor = up_to if up_to is not None else _NO_LIMIT
 
-        def read(db: _Connection) -> ChainPoint:
+        def read(db: PgConnection) -> ChainPoint:
             last = db.execute(
                 "SELECT anchor, id, response_id FROM messages WHERE session_id = %s"
                 " AND role = 'assistant' AND status = 'completed' AND response_id IS NOT NULL"
@@ -582,206 +543,10 @@ class PostgresStore:
         return await self._read(read)
 
 
-# ====================================================================== connections
+# ====================================================================== schema
 
 
-class _Link:
-    """One connection to the database, used by one worker thread at a time. Opened on
-    first use and again after it broke, but not within RECONNECT_BACKOFF_S of a failed
-    attempt.
-
-    `call` runs from the event loop; the other public methods run in the worker
-    thread it starts, `interrupt` on the event loop while that thread waits."""
-
-    def __init__(self, connect: Callable[[], _Connection], where: str) -> None:
-        self._connect = connect
-        self._where = where
-        self._connection: _Connection | None = None
-        self._failed_at: float | None = None  # time.monotonic() of the last failed connect
-        self._interrupted = False
-        self._lock = trio.Lock()  # one call at a time; waiting for it is cancellable
-        # The worker thread's token: held until the thread really ends, even past its
-        # call's timeout, so no two threads ever use the connection at once.
-        self._thread = trio.CapacityLimiter(1)
-
-    async def call(self, run: Callable[[], _T], *, timeout_s: float | None = None) -> _T:
-        """`run()` in a worker thread. Raises StorageUnavailable when it takes longer
-        than `timeout_s` (default CALL_TIMEOUT_S): then its connection is cut under it
-        (`interrupt`), which ends any wait on the network at once, and its thread ends
-        by itself.
-
-        Shielded from the caller's cancellation, as a thread that cannot be abandoned
-        is (store.py's): a cancelled caller waits until the call has ended (at most
-        `timeout_s`), so a write it started is never still running behind its back."""
-        if timeout_s is None:
-            timeout_s = CALL_TIMEOUT_S
-        async with self._lock:
-            with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
-                return await trio.to_thread.run_sync(
-                    run, limiter=self._thread, abandon_on_cancel=True
-                )
-            log.warning(
-                "PostgreSQL %s did not answer within %.1f s: connection cut",
-                self._where,
-                timeout_s,
-            )
-            self.interrupt()
-        raise StorageUnavailable()
-
-    async def aclose(self) -> None:
-        async with self._lock:
-            await trio.to_thread.run_sync(self.close, limiter=self._thread)
-
-    def interrupt(self) -> None:
-        """Shut the connection's socket down under the thread waiting on it, which then
-        fails at once ("server closed the connection"), as if the network had dropped."""
-        self._interrupted = True
-        connection = self._connection
-        if connection is None:
-            return
-        try:
-            # A duplicate of the descriptor, shut down: the socket itself is, for both.
-            with socket.socket(fileno=os.dup(connection.pgconn.socket)) as duplicate:
-                duplicate.shutdown(socket.SHUT_RDWR)
-        except (OSError, psycopg.Error):
-            pass  # already closed
-
-    def connect_now(self) -> _Connection:
-        """The connection, connected now if it is not. Raises psycopg.Error."""
-        connection, _ = self._get()
-        return connection
-
-    def transaction(self, begin: str, work: Callable[[_Connection], _T]) -> _T:
-        """`work` in one transaction begun with `begin`: committed when it returns,
-        rolled back when it raises. Raises psycopg.Error or StorageUnavailable (in the
-        backoff after a failed connect), or what `work` raises."""
-        connection = self._begin(begin)
-        try:
-            result = work(connection)
-            connection.execute("COMMIT")
-        except BaseException:
-            self._roll_back(connection)
-            raise
-        return result
-
-    def ping(self) -> bool:
-        """Whether the database answers `SELECT 1` (within the connection's timeouts)."""
-        try:
-            self._begin("SELECT 1")
-        except (psycopg.Error, StorageUnavailable):
-            return False
-        return True
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def _begin(self, statement: str) -> _Connection:
-        """A connection on which `statement` (a BEGIN, a probe) just ran."""
-        self._interrupted = False
-        connection, fresh = self._get()
-        try:
-            connection.execute(statement)
-            return connection
-        except psycopg.OperationalError:
-            if fresh or not connection.closed or self._interrupted:
-                raise
-        # The server closed it while it sat idle (a restart, an idle timeout): nothing
-        # ran on it, so the statement runs again on a new connection, at once.
-        connection, _ = self._get()
-        connection.execute(statement)
-        return connection
-
-    def _get(self) -> tuple[_Connection, bool]:
-        """The open connection and whether it was connected just now."""
-        if self._connection is not None:
-            if not self._connection.closed:
-                return self._connection, False
-            self.close()  # broken: psycopg closes what is left of it
-        if self._failed_at is not None and time.monotonic() - self._failed_at < RECONNECT_BACKOFF_S:
-            raise StorageUnavailable()
-        try:
-            self._connection = self._connect()
-        except psycopg.Error as error:
-            if self._failed_at is None:  # once per outage, not once per request
-                log.warning("PostgreSQL %s unreachable: %s", self._where, _first_line(error))
-            self._failed_at = time.monotonic()
-            raise
-        if self._failed_at is not None:
-            log.info("PostgreSQL %s reachable again", self._where)
-            self._failed_at = None
-        return self._connection, True
-
-    def _roll_back(self, connection: _Connection) -> None:
-        if connection.closed:
-            self.close()
-            return
-        try:
-            connection.execute("ROLLBACK")
-        except psycopg.Error:
-            self.close()  # a connection in an unknown state is not used again
-
-
-def _connector(url: str) -> tuple[Callable[[], _Connection], str]:
-    """A function that opens one connection to `url` with this module's timeouts, and
-    a description of the database without its password. Raises ValueError when `url`
-    is malformed."""
-    try:
-        parameters = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.Error:
-        raise ValueError("malformed PostgreSQL URL") from None
-    where = "{}:{}/{}".format(
-        parameters.get("host") or parameters.get("hostaddr") or "localhost",
-        parameters.get("port") or 5432,
-        parameters.get("dbname") or parameters.get("user") or "",
-    )
-    # Ours after the URL's own options, so ours win: the bounds are this module's rules.
-    options = " ".join(
-        part
-        for part in (
-            str(parameters.get("options") or ""),
-            f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}",
-            f"-c lock_timeout={int(LOCK_TIMEOUT_S * 1000)}",
-            f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)}",
-        )
-        if part
-    )
-
-    def connect() -> _Connection:
-        connection = psycopg.Connection.connect(
-            url,
-            autocommit=True,  # the store says BEGIN itself: one transaction per method
-            connect_timeout=CONNECT_TIMEOUT_S,
-            options=options,
-            application_name=parameters.get("application_name") or "chat-agent-server",
-            keepalives=1,
-            keepalives_idle=_KEEPALIVE_IDLE_S,
-            keepalives_interval=_KEEPALIVE_INTERVAL_S,
-            keepalives_count=_KEEPALIVE_COUNT,
-            tcp_user_timeout=int(TCP_USER_TIMEOUT_S * 1000),
-        )
-        _escape_text(connection)
-        return connection
-
-    return connect, where
-
-
-async def _call(link: _Link, run: Callable[[], _T]) -> _T:
-    """`link.call(run)`, with every psycopg error mapped to StorageUnavailable."""
-    try:
-        return await link.call(run)
-    except psycopg.OperationalError as error:
-        # Lost, refused, timed out, locked out: the database's state, not a bug.
-        log.warning("PostgreSQL refused: %s (%s)", type(error).__name__, error.sqlstate)
-        raise StorageUnavailable() from error
-    except psycopg.Error as error:
-        # Not expected from our own statements: a bug, or a schema changed by hand.
-        log.error("PostgreSQL error: %s (%s)", type(error).__name__, error.sqlstate)
-        raise StorageUnavailable() from error
-
-
-def _migrate(db: _Connection) -> None:
+def _migrate(db: PgConnection) -> None:
     """Create or bring the schema up to date, in one transaction, under an advisory
     lock: instances starting together migrate one after the other, and each sees the
     others' work. Raises StorageUnavailable for a schema newer than this server's."""
@@ -815,7 +580,7 @@ def _migrate(db: _Connection) -> None:
         raise
 
 
-def _schema_version(db: _Connection) -> int:
+def _schema_version(db: PgConnection) -> int:
     (version,) = _one(db, "SELECT COALESCE(MAX(version), 0) FROM chat_schema_migrations")
     return int(version)
 
@@ -823,18 +588,18 @@ def _schema_version(db: _Connection) -> int:
 # ====================================================================== statements
 
 
-def _one(db: _Connection, query: str, parameters: tuple[Any, ...] = ()) -> TupleRow:
+def _one(db: PgConnection, query: str, parameters: tuple[Any, ...] = ()) -> TupleRow:
     row = db.execute(query, parameters).fetchone()
     assert row is not None  # an aggregate, or an INSERT ... RETURNING of one row
     return row
 
 
-def _touch(db: _Connection, session_id: str, at: str) -> None:
+def _touch(db: PgConnection, session_id: str, at: str) -> None:
     """Record activity, in the transaction of the write that is the activity."""
     db.execute("UPDATE sessions SET updated_at = %s WHERE id = %s", (at, session_id))
 
 
-def _owned_session(db: _Connection, owner_id: str, session_id: str) -> SessionInfo | None:
+def _owned_session(db: PgConnection, owner_id: str, session_id: str) -> SessionInfo | None:
     row = db.execute(
         f"{_SESSION_INFO} WHERE s.id = %s AND s.owner = %s", (session_id, owner_id)
     ).fetchone()
@@ -848,77 +613,10 @@ def _session_info(row: TupleRow) -> SessionInfo:
     return session_info_from_row((*row[:5], first_words, row[6]))
 
 
-def _conversation(db: _Connection, session_id: str, last_anchor: int) -> list[StoredMessage]:
+def _conversation(db: PgConnection, session_id: str, last_anchor: int) -> list[StoredMessage]:
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM messages WHERE session_id = %s AND anchor <= %s"
         " ORDER BY anchor, id",
         (session_id, last_anchor),
     ).fetchall()
     return [StoredMessage(*row) for row in rows]
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().split("\n", 1)[0]
-
-
-# ====================================================================== text
-
-_ESCAPE = "\uffff"  # a noncharacter: no text a person or a model writes holds it
-
-
-def escape_text(text: str) -> str:
-    """`text` as stored: U+0000 (which PostgreSQL's text refuses) as U+FFFF "0", and
-    U+FFFF itself as U+FFFF "1". Text without either is stored unchanged."""
-    if "\x00" not in text and _ESCAPE not in text:
-        return text
-    return text.replace(_ESCAPE, _ESCAPE + "1").replace("\x00", _ESCAPE + "0")
-
-
-def unescape_text(stored: str) -> str:
-    """The inverse of `escape_text`. An escape cut off at the end (by `substr`) is
-    dropped."""
-    if _ESCAPE not in stored:
-        return stored
-    head, *escaped = stored.split(_ESCAPE)
-    decoded = {"0": "\x00", "1": _ESCAPE}
-    return head + "".join(decoded.get(part[:1], "") + part[1:] for part in escaped)
-
-
-class _EscapingStrDumper(StrDumper):
-    def dump(self, obj: str) -> Buffer | None:
-        return super().dump(escape_text(obj))
-
-
-class _EscapingStrDumperUnknown(StrDumperUnknown):
-    def dump(self, obj: str) -> Buffer | None:
-        return super().dump(escape_text(obj))
-
-
-class _EscapingStrBinaryDumper(StrBinaryDumper):
-    def dump(self, obj: str) -> Buffer | None:
-        return super().dump(escape_text(obj))
-
-
-class _UnescapingTextLoader(TextLoader):
-    def load(self, data: Buffer) -> bytes | str:
-        text = super().load(data)
-        return unescape_text(text) if isinstance(text, str) else text
-
-
-class _UnescapingTextBinaryLoader(TextBinaryLoader):
-    def load(self, data: Buffer) -> bytes | str:
-        text = super().load(data)
-        return unescape_text(text) if isinstance(text, str) else text
-
-
-def _escape_text(connection: _Connection) -> None:
-    """Route every string parameter and text result of `connection` through
-    `escape_text` and `unescape_text`. The order matters: the last dumper registered
-    for str is the default (psycopg's own order: text-oid, then unknown-oid)."""
-    adapters = connection.adapters
-    adapters.register_dumper(str, _EscapingStrBinaryDumper)
-    adapters.register_dumper(str, _EscapingStrDumper)
-    adapters.register_dumper(str, _EscapingStrDumperUnknown)
-    for type_name in ("text", "varchar", "bpchar"):
-        adapters.register_loader(type_name, _UnescapingTextLoader)
-        adapters.register_loader(type_name, _UnescapingTextBinaryLoader)

@@ -40,13 +40,11 @@ from agent_client import (
     AgentClient,
     AgentEvent,
     Completed,
-    ContentDecoder,
     Failed,
     Incomplete,
     PreviousResponseNotFound,
     ResponseRequest,
     ResponseStarted,
-    SSEParser,
     TextDelta,
     ToolCall,
     UpstreamDisconnected,
@@ -62,7 +60,9 @@ from agent_client import (
     input_items,
     parse_arguments,
 )
+from chat.content_coding import ContentCodingError, ContentDecoder
 from chat.demo_model import DemoModelTransport, encode_sse, text_response_events
+from chat.sse import SSEEventTooLarge, SSEParser
 from conftest import self_signed_cert
 from fake_upstream import (
     RECORDINGS_DIR,
@@ -248,7 +248,7 @@ def test_sse_parser_bounds_one_event_not_the_stream() -> None:
     for _ in range(100):
         assert parser.feed(b"data: 1\n\n") == ["1"]  # many small events: fine
     parser.feed(b"data: 12")
-    with pytest.raises(UpstreamProtocolError):
+    with pytest.raises(SSEEventTooLarge):
         parser.feed(b"345")
 
 
@@ -1188,10 +1188,10 @@ def test_content_decoder_cuts_identity_to_size_and_never_counts_it() -> None:
 def test_content_decoder_rejects_what_is_not_its_coding_and_what_inflates_too_far(
     coding: str,
 ) -> None:
-    with pytest.raises(UpstreamProtocolError, match="not valid"):
+    with pytest.raises(ContentCodingError, match="not valid"):
         list(ContentDecoder(coding, max_bytes=100).feed(b"plain text, not compressed"))
     packed = gzip.compress(b"x" * 101) if coding == "gzip" else zlib.compress(b"x" * 101)
-    with pytest.raises(UpstreamProtocolError, match="inflates past 100"):
+    with pytest.raises(ContentCodingError, match="inflates past 100"):
         list(ContentDecoder(coding, max_bytes=100, piece_bytes=10).feed(packed))
 
 

@@ -419,7 +419,7 @@ async def test_turns_leave_no_cyclic_garbage(server: ChatServer, fake: FakeUpstr
     """Every object of a finished turn (the upstream connection included) is freed by
     reference counting: the server never needs a full garbage collection, whose pause
     grows with all open connections, to get its memory back."""
-    ours = {"httpx", "httpcore", "server", "agent_client", "store", "trio_websocket"}
+    ours = {"httpx", "httpcore", "server", "agent_client", "store", "chat", "trio_websocket"}
     async with open_chat(server) as client:
         await client.send(type="message", content="warm up")
         await client.turn()

@@ -39,15 +39,10 @@ import trio.testing
 from postgres_server import PASSWORD, PostgresMissing, PostgresServer
 
 import store as store_module
-from chat import postgres_store
-from chat.postgres_store import (
-    HEALTH_TIMEOUT_S,
-    LOCK_TIMEOUT_S,
-    SCHEMA_VERSION,
-    PostgresStore,
-    escape_text,
-    unescape_text,
-)
+from chat import postgres_connections, postgres_store
+from chat.postgres_connections import LOCK_TIMEOUT_S
+from chat.postgres_store import HEALTH_TIMEOUT_S, SCHEMA_VERSION, PostgresStore
+from chat.postgres_text import escape_text, unescape_text
 from protocol import DuplicateMessage, StorageUnavailable, TurnStatus
 from store import (
     DEFAULT_TITLE,
@@ -844,8 +839,8 @@ async def test_a_statement_longer_than_the_statement_timeout_fails(
 ) -> None:
     """Here the statement waits for a lock, with a lock timeout set longer than it."""
     statement_timeout_s = 0.5
-    monkeypatch.setattr(postgres_store, "STATEMENT_TIMEOUT_S", statement_timeout_s)
-    monkeypatch.setattr(postgres_store, "LOCK_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(postgres_connections, "STATEMENT_TIMEOUT_S", statement_timeout_s)
+    monkeypatch.setattr(postgres_connections, "LOCK_TIMEOUT_S", 30.0)
     with trio.fail_after(WAIT_S):
         async with _pg_store(pg_url) as store:
             await store.claim_session("s", "alice")
@@ -864,7 +859,7 @@ async def test_a_hung_database_fails_each_call_within_its_timeout_and_recovers(
     """No timeout of PostgreSQL's fires when it hangs, nor TCP's while the peer's kernel
     answers: the store's own call timeout cuts the connection."""
     call_timeout_s = 1.0
-    monkeypatch.setattr(postgres_store, "CALL_TIMEOUT_S", call_timeout_s)
+    monkeypatch.setattr(postgres_connections, "CALL_TIMEOUT_S", call_timeout_s)
     proxy = FreezableProxy(postgres.port)
     proxy_port = await nursery.start(proxy.serve)
     url = pg_url.replace(f":{postgres.port}/", f":{proxy_port}/")
