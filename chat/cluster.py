@@ -28,6 +28,9 @@ bridge loses frames on a Redis restart; a stream is read from a position. A leas
 with a fencing token lets a survivor tell a dead owner from a slow one: it stores a
 dead instance's turn `interrupted` only when that instance's liveness key is gone.
 
+coredis is imported inside the methods that use it: a server without `--redis-url`
+never loads it (it costs about 13 MB of RSS).
+
 Error handling: Redis is a peer like any other. Every call is time-boxed
 (REDIS_CALL_TIMEOUT_S); a failure marks the cluster unavailable (new WebSockets get
 1013, `/healthz` answers 503 degraded) and is retried by the monitor, and the
@@ -42,9 +45,11 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import coredis
+if TYPE_CHECKING:
+    import coredis
+
 import trio
 
 import protocol as wire
@@ -206,6 +211,7 @@ class Cluster:
         """Open the Redis clients and keep them until `done`. Shielded: coredis runs
         its connections in tasks of its own, which a cancellation of the server would
         otherwise end before the server's clean-up has used them."""
+        import coredis
         redis = coredis.Redis.from_url(
             self._url,
             decode_responses=True,
@@ -227,6 +233,7 @@ class Cluster:
 
     async def _call(self, request: Awaitable[Any]) -> Any:
         """One Redis call, time-boxed. Raises ClusterUnavailable (and marks it so)."""
+        import coredis
         try:
             with trio.fail_after(REDIS_CALL_TIMEOUT_S):
                 return await request
@@ -264,6 +271,7 @@ class Cluster:
             await self._check()
 
     async def _renew_all(self) -> None:
+        import coredis
         now = _now_ms()
         await self._call(
             self._client.set(f"chat:instance:{self.instance_id}", "1", px=LIVENESS_MS)
@@ -363,6 +371,7 @@ class Cluster:
     async def send_command(self, instance: str, op: str, session_id: str, **fields: str) -> None:
         """Queue a command for `instance` (stop, tool, takeover). Raises
         ClusterUnavailable."""
+        import coredis
         await self._call(
             self._client.xadd(
                 f"chat:control:{instance}",
@@ -374,6 +383,7 @@ class Cluster:
         )
 
     async def _read_commands(self, on_command: CommandHandler) -> None:
+        import coredis
         assert self._blocking is not None
         key = f"chat:control:{self.instance_id}"
         # A position in time, not "$": a command added while a read is being retried
@@ -483,6 +493,7 @@ class Cluster:
 
     async def publish(self, session_id: str, frames: list[str]) -> None:
         """Append frames (JSON text) to the session's stream, in order."""
+        import coredis
         for frame in frames:
             await self._call(
                 self._client.xadd(
@@ -513,6 +524,7 @@ class Cluster:
         return frames
 
     async def _call_blocking(self, request: Awaitable[Any]) -> Any:
+        import coredis
         try:
             with trio.fail_after(REDIS_CALL_TIMEOUT_S + BLOCK_MS / 1000):
                 return await request
@@ -529,6 +541,7 @@ class Cluster:
                 continue
 
     async def _sweep_once(self, on_dead_turn: InterruptHandler) -> None:
+        import coredis
         lapsed = await self._call(
             self._client.zrange(
                 "chat:turns", float("-inf"), _now_ms(), sortby=coredis.PureToken.BYSCORE

@@ -50,6 +50,29 @@ log = logging.getLogger("chat")
 class LiveSession:
     """The running side of one session; see the module docstring."""
 
+    # One per open session, idle ones included: slots keep it small (no __dict__).
+    __slots__ = (
+        "session_id",
+        "user_id",
+        "services",
+        "attached",
+        "queue",
+        "running",
+        "turn",
+        "remote",
+        "watched_elsewhere",
+        "_turns",
+        "_timers",
+        "_on_idle",
+        "_work",
+        "_grace",
+        "_ended",
+        "_cluster",
+        "_relay",
+        "_follower",
+        "_arriving",
+    )
+
     def __init__(
         self,
         session_id: str,
@@ -73,8 +96,8 @@ class LiveSession:
         self._on_idle = on_idle
         self._work: trio.CancelScope | None = None  # the turns task, while it runs
         self._grace: trio.CancelScope | None = None  # the grace wait, while detached
-        self._ended = trio.Event()  # set when the turns task ends (or never started)
-        self._ended.set()
+        # The turns task's end, while it runs (made with it: an idle session holds none).
+        self._ended: trio.Event | None = None
         # Several instances (chat.cluster): the frames of a turn run here go to the
         # session's stream too; a turn run elsewhere is followed from it.
         self._cluster = cluster
@@ -289,14 +312,16 @@ class LiveSession:
     async def wait_until_idle(self) -> None:
         """Return once no turn runs or waits, the last one stored (callers bound the
         wait)."""
-        while self.has_work:
+        while self.has_work and self._ended is not None:
             await self._ended.wait()
 
     async def end(self, *, timeout_s: float) -> None:
         """Cancel the work (stored `interrupted`) and wait for it, up to timeout_s."""
         self._expire()
-        with trio.move_on_after(timeout_s):
-            await self._ended.wait()
+        ended = self._ended
+        if ended is not None:
+            with trio.move_on_after(timeout_s):
+                await ended.wait()
 
     async def _take_lease(self) -> TurnLease | None:
         """With several instances: wait until no other instance runs this session's
@@ -360,7 +385,9 @@ class LiveSession:
                         await self._give_back(lease)
         finally:
             self._work = None
-            self._ended.set()
+            ended, self._ended = self._ended, None
+            if ended is not None:
+                ended.set()
             if self.queue:
                 self._start_work()  # accepted while cancelled work was being stored
             else:

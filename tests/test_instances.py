@@ -601,7 +601,6 @@ async def test_cancelling_an_embedded_instance_mid_turn_ends_it_cleanly(
             await client.send(type="message", content="next", id="m2")
             frames = await client.turn()
     assert _rows(history) == [("user", "go", None), ("assistant", "so far ", "interrupted")]
-    print("FRAMES", frames)
     _assert_whole_turn_exact(frames, "echo: next")
 
 
