@@ -193,18 +193,11 @@ class ChatConnection:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        connected = wire.Connected(
-            session_id=self.session_id,
-            user_id=self.user_id,
-            timestamp=wire.utc_timestamp(),
-            resumed=self.resumed,
-            history_length=self.history_length,
-        )
         arriving = True  # admitted to `live` (expect_arrival), not attached yet
         try:
             # Written before anything can close the connection: every admitted client
             # learns it was admitted, even one taken over at once by a racing twin.
-            if not await self._send(connected):
+            if not await self._send(self._connected()):
                 return
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -233,6 +226,16 @@ class ChatConnection:
             with trio.CancelScope(shield=True):
                 await close_websocket(self.ws, self._close_error or wire.NormalClosure())
                 self.finished.set()
+
+    def _connected(self) -> wire.Connected:
+        # Made and dropped in one call: `run`'s frame lives as long as the connection.
+        return wire.Connected(
+            session_id=self.session_id,
+            user_id=self.user_id,
+            timestamp=wire.utc_timestamp(),
+            resumed=self.resumed,
+            history_length=self.history_length,
+        )
 
     @property
     def close_code(self) -> int:
