@@ -143,6 +143,7 @@ class ChatServer:
         self._live: dict[str, LiveSession] = {}
         self._connections: set[ChatConnection] = set()
         self._connections_by_user: dict[str, int] = {}  # admitted or being admitted
+        self._takeovers: set[str] = set()  # sessions with a takeover being admitted
         self._websockets = 0  # WebSocket upgrades in progress or admitted
         self._count_changed = trio.Event()
         self._turns: trio.Nursery | None = None
@@ -510,11 +511,40 @@ class ChatServer:
             # across instances: new clients try again (elsewhere, or later).
             raise wire.ServerFull("service degraded: redis unreachable")
         live = self._live.get(session_id)
-        takes_over = live is not None and live.attached is not None and live.user_id == user_id
+        # A takeover replaces a connection, so it may go past the user's limit for the
+        # moment the two overlap; one at a time per session, or a burst of takeovers
+        # would each take a slot.
+        takes_over = (
+            live is not None
+            and live.attached is not None
+            and live.user_id == user_id
+            and session_id not in self._takeovers
+        )
         held = self._connections_by_user.get(user_id, 0)
         if held >= self.config.max_connections_per_user and not takes_over:
             raise wire.UserConnectionLimit()
         self._connections_by_user[user_id] = held + 1  # reserved: no await before this
+        if takes_over:
+            self._takeovers.add(session_id)
+        try:
+            return await self._claim_and_hand_over(
+                ws, stream, session_id, user_id, expiry, takes_over
+            )
+        finally:
+            if takes_over:
+                self._takeovers.discard(session_id)
+
+    async def _claim_and_hand_over(
+        self,
+        ws: WebSocketConnection,
+        stream: ClientStream,
+        session_id: str,
+        user_id: str,
+        expiry: float | None,
+        takes_over: bool,
+    ) -> ChatConnection:
+        """The awaiting half of `_admit`, the user's slot reserved: claim the session,
+        close an older connection of it (4009), and make the connection."""
         connection_key = secrets.token_hex(8)
         try:
             claim = await self.store.claim_session(session_id, user_id)
