@@ -304,6 +304,7 @@ class ChatServer:
             log.info("retention: deleted %d inactive sessions", len(deleted))
 
     async def _metrics(self) -> HttpAnswer:
+        # Counted when asked for: the live sessions are the one record of it.
         self.metrics.detached_sessions.set(sum(live.detached for live in self._live.values()))
         return HttpAnswer(200, self.metrics.render(), CONTENT_TYPE_LATEST)
 

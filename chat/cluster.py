@@ -249,8 +249,16 @@ class Cluster:
         return self._redis
 
     async def check(self) -> bool:
-        """Whether Redis answers now (what `/healthz` reports)."""
-        await self._check()
+        """Whether Redis answers now (what `/healthz` reports): a PING, or, while it
+        was unreachable, the monitor's whole round, so that it says Redis is back only
+        once this instance has told it again what it holds."""
+        if not self.available:
+            await self._check()
+            return self.available
+        try:
+            await self._call(self._client.ping())
+        except ClusterUnavailable:
+            pass  # `_call` marked it unavailable
         return self.available
 
     async def _check(self) -> None:

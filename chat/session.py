@@ -31,6 +31,7 @@ import trio
 
 import protocol as wire
 from chat.cluster import Cluster, ClusterUnavailable, RemoteTurn, TurnLease
+from chat.connection import PendingDeltas
 from chat.pacing import ConnectionTimers
 from chat.turn import (
     FINAL_WRITE_TIMEOUT_S,
@@ -139,9 +140,7 @@ class LiveSession:
         if previous is not None and previous is not connection:
             previous.close(wire.TakenOver())
         if self._grace is not None:
-            self._grace.cancel()
-            self._grace = None
-            self.services.metrics.detached_sessions.dec()
+            self._cancel_grace()
             log.info("session %s: re-attached", self.session_id)
         if self.turn is not None:
             self.services.metrics.attaches_with_running_turn.inc()
@@ -211,7 +210,6 @@ class LiveSession:
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
-            self.services.metrics.detached_sessions.dec()
 
     def start_grace(self) -> None:
         """Nobody watches the work any more: it goes on for the grace, then ends."""
@@ -231,7 +229,6 @@ class LiveSession:
         if grace_s <= 0:
             self._expire()
             return
-        self.services.metrics.detached_sessions.inc()
         self._grace = trio.CancelScope()
         self._turns.start_soon(self._wait_out_grace, self._grace, trio.current_time() + grace_s)
 
@@ -244,7 +241,6 @@ class LiveSession:
                 # checkpoint only, and there is none before `_expire`.
                 return
             self._grace = None
-            self.services.metrics.detached_sessions.dec()
             self.services.metrics.detach_grace_expiries.inc()
             log.info("session %s: grace ran out, cancelling its turn", self.session_id)
             self._expire()
@@ -404,7 +400,7 @@ class _Publisher:
     def __init__(self, cluster: Cluster, session_id: str) -> None:
         self._cluster = cluster
         self._session_id = session_id
-        self._waiting: list[wire.ServerFrame] = []
+        self._waiting: list[wire.ServerFrame | PendingDeltas] = []
         self._wake = trio.Event()
         self._closed = False
 
@@ -413,11 +409,12 @@ class _Publisher:
         self._wake.set()
 
     def put_delta(self, turn_id: str, text: str) -> None:
+        # As the outbox does: no frame model per delta, the parts joined when written.
         last = self._waiting[-1] if self._waiting else None
-        if isinstance(last, wire.TextDeltaFrame) and last.turn_id == turn_id:
-            self._waiting[-1] = wire.TextDeltaFrame(turn_id=turn_id, content=last.content + text)
+        if isinstance(last, PendingDeltas) and last.turn_id == turn_id:
+            last.parts.append(text)
         else:
-            self._waiting.append(wire.TextDeltaFrame(turn_id=turn_id, content=text))
+            self._waiting.append(PendingDeltas(turn_id, [text]))
         self._wake.set()
 
     def close(self) -> None:
@@ -436,7 +433,13 @@ class _Publisher:
                 ):
                     try:
                         await self._cluster.publish(
-                            self._session_id, [wire.encode(frame) for frame in batch]
+                            self._session_id,
+                            [
+                                item.encode()
+                                if isinstance(item, PendingDeltas)
+                                else wire.encode(item)
+                                for item in batch
+                            ],
                         )
                     except ClusterUnavailable:
                         log.warning(
