@@ -13,7 +13,8 @@ Its neighbours own the byte-level rest:
   body's content coding undone in bounded pieces, then its events framed; both pure,
   their errors become UpstreamProtocolError here, in one place (``_events``);
 - ``chat.upstream_transport``: the only code beneath httpx (lean reads on plain TCP
-  and a chunked body decoded off httpx's pooled connection;
+  and on TLS through the stdlib's SSLSocket, and a chunked body decoded off httpx's
+  pooled connection;
   ``AgentClient(lean_reads=False)`` uses plain httpx instead, and
   ``AgentClient.lean_reads_active`` says whether it applies);
 - ``chat.demo_model``: the offline demo model and the synthetic streams the fakes
@@ -22,7 +23,8 @@ Its neighbours own the byte-level rest:
 
 Our events (frozen dataclasses)::
 
-    ResponseStarted  response.created: the upstream response id, known early
+    ResponseStarted  response.created: the upstream response id, known early, and
+                     the previous_response_id its response object echoes
     TextDelta        response.output_text.delta, response.refusal.delta
     ToolCall         response.output_item.done whose item is a function_call
     Completed        response.completed                      (terminal)
@@ -43,7 +45,9 @@ Exception tree (``kind`` is a short machine-readable cause)::
     |                               "rate_limited" (429)
     +-- UpstreamRejected            non-retryable 4xx, "rejected"; status_code, code
     |   +-- PreviousResponseNotFound    previous_response_id unknown upstream: resend
-    |                                   the full history without it
+    |       |                           the full history without it
+    |       +-- PreviousResponseIgnored a 200 that does not honour previous_response_id
+    |                                   (see "Chaining" below); same remedy
     +-- UpstreamProtocolError       "protocol": not SSE, not JSON (or nested too deeply
     |                               to decode), oversized event, broken chunked framing,
     |                               a content coding we cannot undo or that inflates
@@ -53,6 +57,17 @@ Exception tree (``kind`` is a short machine-readable cause)::
 
 Messages are for humans and never contain the API key: upstream error text is
 passed through ``_redact`` before it lands in an exception.
+
+Chaining. OpenAI echoes a request's ``previous_response_id`` in the response object of
+``response.created``; some proxies (one popular one, run without its database) accept the
+field, answer 200 and silently drop the chain, so the model sees none of the earlier turns.
+A chained request is therefore checked at its first event: unless it is a
+``response.created`` echoing the id we sent (or an error event, which carries no answer), the
+response is closed at once, before any of it reaches the user, and PreviousResponseIgnored
+raised. A stream with no ``response.created`` before its first content event counts as not
+echoing: a chain we cannot verify is not trusted. From then on the client chains no more
+(``chaining_active`` is False, one WARNING says so): a chained request raises
+PreviousResponseIgnored without being sent, and callers send the full history instead.
 """
 
 from __future__ import annotations
@@ -78,6 +93,7 @@ from chat.content_coding import (
     content_coding,
 )
 from chat.sse import SSEEventTooLarge, SSEParser
+from chat.upstream_tls import client_context
 from chat.upstream_transport import (
     BodyFramingError,
     body_chunks,
@@ -153,6 +169,16 @@ class PreviousResponseNotFound(UpstreamRejected):
     """The upstream no longer knows ``previous_response_id``; resend the full history."""
 
 
+class PreviousResponseIgnored(PreviousResponseNotFound):
+    """A chained request was answered 200 without echoing ``previous_response_id`` (the
+    upstream ignores chaining), or was not sent because the client chains no more
+    (``AgentClient.chaining_active``). Nothing of it reached the caller's events; resend
+    the full history. ``status_code`` is 200, ``code`` None."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status_code=200, code=None)
+
+
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent something that is not a Responses API event stream."""
 
@@ -180,6 +206,8 @@ class _Retryable(Exception):
 @dataclass(frozen=True, slots=True)
 class ResponseStarted:
     response_id: str
+    # What the response object says it continues; None when null or absent.
+    previous_response_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,10 +268,11 @@ def decode_event(data: str) -> AgentEvent | None:
         raise UpstreamProtocolError(f"upstream event is not a JSON object: {_excerpt(data)}")
     kind = event.get("type")
     if kind == "response.created":
-        response_id = _response(event).get("id")
+        response = _response(event)
+        response_id = response.get("id")
         if not isinstance(response_id, str):
             raise UpstreamProtocolError("response.created without a response id")
-        return ResponseStarted(response_id)
+        return ResponseStarted(response_id, _str_or_none(response.get("previous_response_id")))
     if kind in ("response.output_text.delta", "response.refusal.delta"):
         return TextDelta(_required_str(event, "delta", kind))
     if kind == "response.output_item.done":
@@ -416,8 +445,9 @@ class AgentClient:
     """Streams Responses API answers over one pooled httpx.AsyncClient.
 
     ``lean_reads`` (default on) lets ``chat.upstream_transport`` read the upstream's
-    bodies beneath httpx where it applies (``lean_reads_active``: a plain-HTTP upstream
-    without a proxy, its self-check passed; a WARNING says why when it does not) and
+    bodies beneath httpx where it applies (``lean_reads_active``: an HTTP or HTTPS
+    upstream without a proxy, its self-check passed; a WARNING says why when it does
+    not) and
     close responses without leaving a reference cycle. Off, everything is plain
     httpx. A ``transport`` of the caller's (the demo model, a mock) is used as given.
 
@@ -455,6 +485,7 @@ class AgentClient:
         self._retry_after_cap_s = retry_after_cap_s
         self._idle_timeout_s = idle_timeout_s
         self._lean_reads = lean_reads
+        self._chaining_active = True  # until the upstream is seen to ignore the chain
         # identity: SSE is not worth compressing, and an inflated body costs event-loop
         # time that a plain one does not (a bomb froze the server; MAX_INFLATED_BODY_BYTES).
         headers = {
@@ -467,8 +498,9 @@ class AgentClient:
         # Every live turn holds a connection for its whole stream, so the pool must
         # not cap concurrency; idle ones are kept for TLS reuse.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        # One TLS context for every transport: each load of the CA bundle takes ~50 ms.
-        tls = httpx.create_ssl_context()
+        # One TLS context for every transport: each load of the CA bundle takes ~50 ms,
+        # so it is read after the server listens, not here (chat.upstream_tls).
+        tls = client_context()
         lean = None
         if lean_reads and transport is None:
             lean = lean_read_transport(self._url, tls, limits)
@@ -494,10 +526,17 @@ class AgentClient:
     @property
     def lean_reads_active(self) -> bool:
         """Whether upstream bodies are read beneath httpx (``chat.upstream_transport``):
-        False when ``lean_reads`` is off, with a transport of the caller's, for an HTTPS
-        upstream or one behind a proxy, and when the self-check of its assumptions
-        failed on the installed libraries."""
+        False when ``lean_reads`` is off, with a transport of the caller's, for an
+        upstream behind a proxy, and when the self-check of its assumptions failed on
+        the installed libraries."""
         return self._lean_reads_active
+
+    @property
+    def chaining_active(self) -> bool:
+        """Whether requests may chain with ``previous_response_id``: True until a chained
+        request was answered without the echo (module docstring, "Chaining"), then False
+        for the life of this client. Callers send the full history while it is False."""
+        return self._chaining_active
 
     async def aclose(self) -> None:
         """Close every pooled upstream connection."""
@@ -516,7 +555,9 @@ class AgentClient:
         UpstreamDisconnected when the tries run out, UpstreamRejected (or
         PreviousResponseNotFound) for other 4xx, UpstreamProtocolError for a
         success that is not an event stream, UpstreamTimeout after
-        ``idle_timeout_s`` of silence.
+        ``idle_timeout_s`` of silence. A chained request raises PreviousResponseIgnored
+        when its response does not echo the chain (closed before anything is yielded),
+        or at once, unsent, once ``chaining_active`` is False.
 
         Iterating yields our events and ends after the terminal one. Raises
         UpstreamTimeout after ``idle_timeout_s`` of silence, UpstreamDisconnected if
@@ -524,6 +565,11 @@ class AgentClient:
         answer), UpstreamProtocolError for undecodable or oversized events or a
         stream that ends with no terminal event.
         """
+        if request.previous_response_id is not None and not self._chaining_active:
+            # Built before another turn found the chain ignored: not worth a round trip.
+            raise PreviousResponseIgnored(
+                "this upstream ignores previous_response_id; send the full history"
+            )
         payload = self._payload(request)
         for attempt in range(1, self._max_attempts + 1):
             silence = self._silence_scope()
@@ -562,12 +608,16 @@ class AgentClient:
     ) -> tuple[httpx.Response, AsyncGenerator[AgentEvent, None], list[AgentEvent]]:
         """Send the request and read its opening events (up to and including the first
         text, tool call or terminal event). Raises _Retryable for what may be tried
-        again, the public errors for the rest."""
+        again, PreviousResponseIgnored for a chain the response does not echo, the
+        public errors for the rest."""
         response = await self._send(payload)
         events = self._events(response, silence)
         opening: list[AgentEvent] = []
+        chained_to = payload.get("previous_response_id")
         try:
             async for event in events:
+                if chained_to is not None and not opening:
+                    self._check_chain(chained_to, event)
                 opening.append(event)
                 if not isinstance(event, ResponseStarted):
                     break
@@ -580,6 +630,29 @@ class AgentClient:
             await self._close(response)
             raise
         return response, events, opening
+
+    def _check_chain(self, chained_to: str, first: AgentEvent) -> None:
+        """Raise PreviousResponseIgnored unless ``first``, a chained response's first
+        event, shows the upstream honoured the chain: a response.created echoing
+        ``chained_to``, or an error (no answer, nothing to verify). The first time,
+        chaining stops for this client's lifetime, with one WARNING."""
+        if isinstance(first, Failed):
+            return
+        if isinstance(first, ResponseStarted) and first.previous_response_id == chained_to:
+            return
+        if self._chaining_active:
+            self._chaining_active = False
+            # No ids, no URL: the id may be long and opaque, and the URL may carry credentials.
+            logger.warning(
+                "upstream ignores previous_response_id (%s): every request now sends the"
+                " full history, for the life of this process",
+                "response.created did not echo it"
+                if isinstance(first, ResponseStarted)
+                else "no response.created before the answer",
+            )
+        raise PreviousResponseIgnored(
+            "upstream answered a chained request without echoing previous_response_id"
+        )
 
     async def _send(self, payload: dict[str, Any]) -> httpx.Response:
         """POST the request; the response once it is a 200 event stream."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -225,8 +226,9 @@ class InvalidSessionId(CloseError):
 
 class _ClientFrame(BaseModel):
     # Strict: "5" is not a limit and 1 is not a content string. Unknown fields are
-    # ignored so that newer clients keep working against this server.
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    # ignored so that newer clients keep working against this server. Deferred: see
+    # `validator_builds`.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, defer_build=True)
 
 
 class UserMessage(_ClientFrame):
@@ -263,7 +265,9 @@ ClientFrame = Annotated[
     UserMessage | StopRequest | ClientPing | ClientPong | ToolResponse | HistoryRequest,
     Field(discriminator="type"),
 ]
-_client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
+_client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(
+    ClientFrame, config=ConfigDict(defer_build=True)
+)
 
 
 def parse_client_frame(text: str | bytes) -> ClientFrame:
@@ -299,7 +303,7 @@ def _describe(exc: ValidationError) -> str:
 
 
 class _ServerFrame(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # see `validator_builds`
 
 
 class Connected(_ServerFrame):
@@ -410,8 +414,44 @@ ServerFrame = (
 
 
 _server_frame_adapter: TypeAdapter[ServerFrame] = TypeAdapter(
-    Annotated[ServerFrame, Field(discriminator="type")]
+    Annotated[ServerFrame, Field(discriminator="type")], config=ConfigDict(defer_build=True)
 )
+
+
+_FRAME_MODELS: tuple[type[BaseModel], ...] = (
+    UserMessage,
+    StopRequest,
+    ClientPing,
+    ClientPong,
+    ToolResponse,
+    HistoryRequest,
+    Connected,
+    Typing,
+    ResponseStart,
+    TextDeltaFrame,
+    ToolRequest,
+    ResponseEnd,
+    HistoryEntry,
+    HistoryReply,
+    ErrorFrame,
+    ServerPing,
+    ServerPong,
+)
+
+
+def validator_builds() -> list[Callable[[], object]]:
+    """Building every frame's validator and serializer: one call per model or adapter.
+
+    Each is otherwise built where it is first used (``defer_build``): building them all
+    at import was about two thirds of this module's import, and the first one also
+    imports much of pydantic and looks for its plugins, all before the server could
+    listen. The server makes these calls right after it listens, one per pass of its
+    loop (`server.warm_up`), so the first frames do not pay for them."""
+    return [
+        *(model.model_rebuild for model in _FRAME_MODELS),
+        _client_frame_adapter.rebuild,
+        _server_frame_adapter.rebuild,
+    ]
 
 
 def decode_server_frame(document: object) -> ServerFrame:

@@ -26,6 +26,7 @@ code (`CloseError.close_code`); they are applied in one place each,
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import secrets
@@ -37,20 +38,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
-from wsproto.utilities import LocalProtocolError as WsprotoLocalProtocolError
 
 import protocol as wire
 from agent_client import AgentClient
-from chat import pacing
+from chat import pacing, upstream_tls
 from chat.auth import MAX_TOKEN_BYTES, TokenVerifier, issue_token
 from chat.cluster import Cluster, ClusterUnavailable, Command
-from chat.connection import ChatConnection, close_websocket
-from chat.demo_model import DemoModelTransport
 from chat.http_front import (
     NOT_FOUND,
     HttpAnswer,
@@ -72,7 +69,6 @@ from chat.ops import (
     watchdog_pings,
 )
 from chat.pacing import ADMISSIONS_PER_PASS, DROPS_PER_PASS, ConnectionTimers, PassGate
-from chat.session import LiveSession
 from chat.sessions_api import ApiRequest, SessionsApi
 from chat.settings import (
     DEFAULT_UPSTREAM_URL,
@@ -87,6 +83,16 @@ from chat.settings import (
 from chat.turn import FINAL_WRITE_TIMEOUT_S, TurnServices
 from chat.ws_stream import ClientStream
 from store import Store, backup_database, is_postgres_url, open_store
+
+# Start-up: what nothing needs before the first WebSocket (trio-websocket, wsproto, the
+# connection and session modules) is imported with the first upgrade, not at start;
+# `warm_up` imports it right after the server listens (docs/operations.md, "Size and
+# start time").
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
+
+    from chat.connection import ChatConnection
+    from chat.session import LiveSession
 
 __all__ = ["MAX_TOKEN_BYTES", "ChatServer", "Config", "issue_token", "main", "run_server"]
 
@@ -306,6 +312,9 @@ class ChatServer:
     async def _metrics(self) -> HttpAnswer:
         # Counted when asked for: the live sessions are the one record of it.
         self.metrics.detached_sessions.set(sum(live.detached for live in self._live.values()))
+        # Likewise the agent client for chaining, which stops when the upstream ignores it.
+        chaining = self.config.upstream_store and self.agent.chaining_active
+        self.metrics.upstream_chaining_active.set(int(chaining))
         return HttpAnswer(200, self.metrics.render(), CONTENT_TYPE_LATEST)
 
     async def _healthz(self) -> HttpAnswer:
@@ -329,8 +338,9 @@ class ChatServer:
                     await self._handle_websocket(stream, head)
                 else:
                     await self._handle_http(stream, head)
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
-            # A peer that leaves at any moment is no server fault: nothing to log.
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            # A peer that leaves at any moment is no server fault: nothing to log
+            # (trio-websocket's ConnectionClosed likewise, in `_handle_websocket`).
             pass
         except* Exception:
             log.exception("connection failed; the server keeps serving")
@@ -363,6 +373,10 @@ class ChatServer:
             return error_answer(503, "storage_error", "The database is unavailable.")
 
     async def _handle_websocket(self, stream: trio.abc.Stream, head: RequestHead) -> None:
+        # Imported with the first upgrade (or by `warm_up`), not at start.
+        from trio_websocket import ConnectionClosed, wrap_server_stream
+        from wsproto.utilities import LocalProtocolError as WsprotoLocalProtocolError
+
         session_id = session_id_from_path(head.path)
         if session_id is None:
             await answer_http(stream, head, NOT_FOUND)
@@ -393,6 +407,8 @@ class ChatServer:
                         ws, client_stream, head, session_id, over_limit=over_limit
                     )
                 ws_tasks.cancel_scope.cancel()
+        except* ConnectionClosed:
+            pass  # the peer left: no server fault, nothing to log (as in `_handle_stream`)
         except* WsprotoLocalProtocolError as errors:
             # trio-websocket issue #184: a peer's ping that arrives while we close makes
             # its reader task answer with a pong wsproto refuses. The peer is gone
@@ -411,6 +427,8 @@ class ChatServer:
         *,
         over_limit: bool,
     ) -> None:
+        from chat.connection import close_websocket  # with the first upgrade, see the top
+
         try:
             connection = await self._admit(ws, stream, head, session_id, over_limit=over_limit)
         except wire.StorageUnavailable:
@@ -457,6 +475,8 @@ class ChatServer:
         await self.cluster.release_user_slot(connection.user_id, connection.key)
 
     async def _refuse(self, ws: WebSocketConnection, error: wire.CloseError) -> None:
+        from chat.connection import close_websocket  # with the first upgrade, see the top
+
         self.metrics.connections_closed.labels(str(error.close_code)).inc()
         await close_websocket(ws, error)
 
@@ -546,6 +566,10 @@ class ChatServer:
     ) -> ChatConnection:
         """The awaiting half of `_admit`, the user's slot reserved: claim the session,
         close an older connection of it (4009), and make the connection."""
+        # With the first upgrade (or by `warm_up`), not at start: see the top.
+        from chat.connection import ChatConnection
+        from chat.session import LiveSession
+
         connection_key = secrets.token_hex(8)
         try:
             claim = await self.store.claim_session(session_id, user_id)
@@ -683,6 +707,8 @@ class ChatServer:
 
 def build_agent(config: Config) -> AgentClient:
     if config.uses_demo_model:
+        from chat.demo_model import DemoModelTransport  # only the demo needs it
+
         return AgentClient(
             base_url=DEFAULT_UPSTREAM_URL,
             api_key=None,
@@ -732,6 +758,47 @@ async def run_server(
             await store.aclose()
 
 
+# What start-up leaves to the first request (docs/operations.md, "Size and start
+# time"): PyJWT with cryptography (chat.auth), the WebSocket side (`_handle_websocket`),
+# and what pydantic imports to build its first validator.
+DEFERRED_IMPORTS = (
+    "jwt",
+    "trio_websocket",
+    "wsproto.utilities",
+    "chat.connection",
+    "chat.session",
+    "importlib.metadata",
+)
+
+
+async def warm_up(config: Config) -> None:
+    """Load, right after the server listens, what start-up left to the first request, so
+    that a client arriving a moment later does not wait for it (the command line does;
+    a server started with `run_server` alone loads it when first needed).
+
+    The imports, and for an https:// upstream its CA bundle (chat.upstream_tls), are read
+    in a worker thread: they only share the GIL with the event loop, which goes on
+    serving (an import on the loop would hold it for the whole import). The frame
+    validators are built on the loop, one per pass (pydantic's building is not safe
+    against a first use on another thread; each takes about a millisecond). A request
+    that needs one of these first loads it itself, or waits for this thread's."""
+    tls_upstream = not config.uses_demo_model and config.upstream_url.startswith("https:")
+    # Not abandoned when cancelled: a thread still importing (a Rust or C extension's
+    # initialisation) while the interpreter shuts down can crash the process. A stop
+    # during these milliseconds waits for them.
+    await trio.to_thread.run_sync(partial(_load_deferred, tls_upstream=tls_upstream))
+    for build in wire.validator_builds():
+        build()
+        await trio.lowlevel.checkpoint()
+
+
+def _load_deferred(*, tls_upstream: bool) -> None:
+    for name in DEFERRED_IMPORTS:
+        importlib.import_module(name)
+    if tls_upstream:
+        upstream_tls.load_trust_stores()
+
+
 async def _shutdown_on_signal(server: ChatServer) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -740,21 +807,24 @@ async def _shutdown_on_signal(server: ChatServer) -> None:
             server.shutdown()
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `command`, the setting flags only on that subcommand (the
+    one being parsed: ~40 flags on each of four took ~4 ms of every start)."""
     program = Path(sys.argv[0]).name or "server.py"
     parser = argparse.ArgumentParser(prog=program, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
-    add_setting_flags(commands.add_parser("serve", help="run the server (the default)"))
+    serve = commands.add_parser("serve", help="run the server (the default)")
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--print", action="store_true", help="show each setting and its source")
-    add_setting_flags(check)
     token = commands.add_parser("token", help="print a signed JWT for the configured secret")
     token.add_argument("--sub", required=True, help="the user id")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
-    add_setting_flags(token)
     backup = commands.add_parser("backup", help="copy the live database, consistently")
     backup.add_argument("destination", help="file to write (must not exist)")
-    add_setting_flags(backup)
+    subcommands = {"serve": serve, "check-config": check, "token": token, "backup": backup}
+    for name, subcommand in subcommands.items():
+        if command is None or name == command:
+            add_setting_flags(subcommand)
     return parser
 
 
@@ -766,7 +836,7 @@ def main(
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments or arguments[0].startswith("-"):
         arguments.insert(0, "serve")
-    args = _build_parser().parse_args(arguments)
+    args = _build_parser(arguments[0]).parse_args(arguments)
     try:
         resolved = resolve_settings(args, os.environ)
         if args.command == "backup":
@@ -805,11 +875,14 @@ def main(
             return 1
         print(f"backed up {config.db_path} to {args.destination}", file=sys.stderr)
         return 0
+    # First, while the process has no thread (the log writer is one): see the function.
+    reserve_failure = pacing.reserve_descriptor_table(config.max_connections)
     configure_logging(resolved["log-level"].value, resolved["log-format"].value)
+    if reserve_failure is not None:
+        log.warning("%s", reserve_failure)
     if config.uses_demo_model:
         log.warning("no OPENAI_API_KEY and no --upstream-url: serving the OFFLINE DEMO MODEL")
-    pacing.tune_garbage_collector()  # before the loop runs: its one full collection stalls no one
-    pacing.reserve_descriptor_table(config.max_connections)
+    pacing.tune_garbage_collector()  # before the loop runs
     trio.run(partial(_serve_from_command_line, config), instruments=instruments)
     log.info("stopped")
     return 0
@@ -817,11 +890,14 @@ def main(
 
 async def _serve_from_command_line(config: Config) -> None:
     """`run_server` with signal handling. The --insecure-dev URL is printed once the
-    listener is bound: with `--port 0` only then is the real port known."""
+    listener is bound: with `--port 0` only then is the real port known. Then `warm_up`."""
     async with trio.open_nursery() as nursery:
         server: ChatServer = await nursery.start(partial(run_server, config, handle_signals=True))
         if config.jwt_secret_generated:
             _print_dev_token(replace(config, port=server.port or config.port))
+        await warm_up(config)
+        # Like everything imported before the loop ran (pacing.tune_garbage_collector).
+        pacing.freeze_garbage_collector()
 
 
 def _print_dev_token(config: Config) -> None:

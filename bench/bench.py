@@ -13,6 +13,9 @@ meter), and load clients (bench/load_client.py), each its own process. Phases:
    first delta under load; server CPU (utime+stime) per 1,000 deltas; latency.
 4. unpaced: sessions whose upstream sends as fast as it can: deltas per second.
 5. stop: a delta every 50 ms; client `stop` to the fake seeing its socket closed.
+6. tls: the relay load on two fresh servers at once, one whose upstream is the fake
+   over plain HTTP and one over HTTPS (a self-signed certificate trusted through
+   ``SSL_CERT_FILE``): the HTTPS server's CPU per 1,000 deltas over the plain one's.
 
 Resource handling: every child runs in its own process group and is killed
 (SIGKILL to the group) in a ``finally``; the server gets SIGTERM first so it
@@ -112,6 +115,13 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
     ("stall_relay_ms", "max loop stall: paced relay", "ms", 20.0),
     ("stall_unpaced_ms", "max loop stall: unpaced", "ms", 20.0),
     ("stall_stop_ms", "max loop stall: stop", "ms", 20.0),
+    ("plain_relay_cpu_s_per_1000_deltas", "tls phase: CPU per 1,000 deltas, plain upstream",
+     "s", None),
+    ("tls_relay_cpu_s_per_1000_deltas", "tls phase: CPU per 1,000 deltas, HTTPS upstream",
+     "s", None),
+    ("tls_to_plain_cpu", "tls phase: HTTPS / plain CPU (same window)", "x", 1.25),
+    ("tls_latency_p99_ms", "tls phase: added latency p99, HTTPS upstream", "ms", 10.0),
+    ("tls_stall_relay_ms", "tls phase: max loop stall, HTTPS upstream", "ms", 20.0),
     ("stall_max_ms", "max loop stall: whole run", "ms", 20.0),
 ]
 
@@ -133,7 +143,10 @@ def percentile(values: list[float], fraction: float) -> float:
 class Child:
     """A child process in its own group; stdout lines arrive on a queue."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, *, stdin: bool = False) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, *, stdin: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr"
         self._stderr = self.stderr_path.open("wb")
@@ -144,6 +157,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             start_new_session=True,
+            env=env,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
@@ -218,6 +232,30 @@ def sleep_until(moment: float) -> None:
 
 
 @dataclass
+class Server:
+    """One instrumented server process, its port and its stall file (stall_mark)."""
+
+    child: Child
+    port: int
+    stall_path: Path
+    stall_lines: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.child.proc.pid
+
+    def stop(self) -> bool:
+        """SIGTERM (so it writes its final stall line); False if it did not exit in time."""
+        if self.child.proc.poll() is None:
+            self.child.proc.send_signal(signal.SIGTERM)
+            try:
+                self.child.proc.wait(timeout=SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+
+@dataclass
 class Run:
     scale: dict[str, Any]
     work: Path
@@ -225,81 +263,93 @@ class Run:
     children: list[Child]
     figures: dict[str, float]
     notes: list[str]
-    server: Child | None = None
+    server: Server | None = None  # the one every phase but `tls` measures
     fake: Child | None = None
     fake_port: int = 0
-    port: int = 0
-    stall_lines: int = 0
+    fake_tls_port: int = 0
     profile_out: str | None = None
 
     # --- plumbing ---
 
-    def spawn(self, name: str, argv: list[str], *, stdin: bool = False) -> Child:
-        child = Child(name, argv, self.work, stdin=stdin)
+    def spawn(
+        self, name: str, argv: list[str], *, stdin: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> Child:
+        child = Child(name, argv, self.work, stdin=stdin, env=env)
         self.children.append(child)
         return child
 
     def start_fake(self) -> None:
-        argv = [*PEER, sys.executable, str(BENCH_DIR / "fake_upstream.py")]
+        argv = [*PEER, sys.executable, str(BENCH_DIR / "fake_upstream.py"),
+                "--tls-dir", str(self.work)]
         fake = self.fake = self.spawn("fake", argv)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+        while not (self.fake_port and self.fake_tls_port):
             left = deadline - time.monotonic()
             line = fake.lines.get(timeout=max(left, 0.01))
             if line is None or left <= 0:
                 raise RuntimeError(f"fake upstream did not start; see {fake.stderr_path}")
             if line.startswith("fake listening on "):
                 self.fake_port = int(line.split()[-1])
-                return
+            elif line.startswith("fake tls listening on "):
+                self.fake_tls_port = int(line.split()[-1])
 
-    def start_server(self) -> None:
+    def start_server(self, name: str = "server", *, tls_upstream: bool = False) -> Server:
+        """Start the instrumented server ``name`` against the fake, over HTTPS when
+        ``tls_upstream``: the fake's certificate is then trusted through SSL_CERT_FILE,
+        as a private CA would be."""
+        stall_path = self.work / f"{name}-stalls.jsonl"
+        scheme, port = ("https", self.fake_tls_port) if tls_upstream else ("http", self.fake_port)
+        env = dict(os.environ)
+        if tls_upstream:
+            env["SSL_CERT_FILE"] = str(self.work / "cert.pem")
+        if name != "server" and "BENCH_CPROFILE" in env:  # each server its own profile
+            env["BENCH_CPROFILE"] += f".{name}"
         argv = [
-            sys.executable, str(BENCH_DIR / "instrumented_server.py"), str(self.stall_path),
+            sys.executable, str(BENCH_DIR / "instrumented_server.py"), str(stall_path),
             "serve", "--host", "127.0.0.1", "--port", "0",
-            "--db", str(self.work / "bench.db"),
+            "--db", str(self.work / f"{name}.db"),
             "--jwt-secret", self.secret,
-            "--upstream-url", f"http://127.0.0.1:{self.fake_port}/v1",
+            "--upstream-url", f"{scheme}://127.0.0.1:{port}/v1",
             "--api-key", "sk-bench-not-a-key",
             "--heartbeat-interval", "3600",
             "--max-connections", "50000",
             "--max-connections-per-user", "1000",
             "--rate-limit", "100000/1",
         ]
-        self.server = self.spawn("server", argv)
+        child = self.spawn(name, argv, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            match = LISTENING_RE.search(self.server.stderr_path.read_text(errors="replace"))
+            match = LISTENING_RE.search(child.stderr_path.read_text(errors="replace"))
             if match:
-                self.port = int(match.group(1))
-                return
-            if self.server.proc.poll() is not None:
+                return Server(child, int(match.group(1)), stall_path)
+            if child.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"server did not start; see {self.server.stderr_path}")
+        raise RuntimeError(f"{name} did not start; see {child.stderr_path}")
 
     @property
-    def stall_path(self) -> Path:
-        return self.work / "stalls.jsonl"
-
-    @property
-    def server_pid(self) -> int:
+    def main(self) -> Server:
         assert self.server is not None
-        return self.server.proc.pid
+        return self.server
 
     @property
     def fake_pid(self) -> int:
         assert self.fake is not None
         return self.fake.proc.pid
 
-    def stall_mark(self, phase: str | None = None) -> float:
-        """Max loop stall (ms) since the previous mark, from the instrumented server;
-        with ``phase``, the pass's CPU time and the longest GC pause go to the figures."""
-        os.kill(self.server_pid, signal.SIGUSR1)
+    def stall_mark(self, phase: str | None = None, server: Server | None = None) -> float:
+        """Max loop stall (ms) since the previous mark, from the instrumented server
+        (the main one unless ``server``); with ``phase``, the pass's CPU time and the
+        longest GC pause go to the figures."""
+        server = server or self.main
+        os.kill(server.pid, signal.SIGUSR1)
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            lines = self.stall_path.read_text().splitlines() if self.stall_path.exists() else []
-            if len(lines) > self.stall_lines:
-                self.stall_lines = len(lines)
+            path = server.stall_path
+            lines = path.read_text().splitlines() if path.exists() else []
+            if len(lines) > server.stall_lines:
+                server.stall_lines = len(lines)
                 line = json.loads(lines[-1])
                 if phase is not None:
                     self.figures[f"stall_{phase}_cpu_ms"] = line["max_stall_cpu_ms"]
@@ -315,20 +365,22 @@ class Run:
             return body
 
     def active_connections(self) -> float:
-        text = self.http_get(self.port, "/metrics").decode()
+        text = self.http_get(self.main.port, "/metrics").decode()
         match = re.search(r"^chat_active_connections (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else math.nan
 
     def clients(
-        self, name: str, procs: int, sessions: int, first_index: int, spec: dict[str, Any]
+        self, name: str, procs: int, sessions: int, first_index: int, spec: dict[str, Any],
+        server: Server | None = None,
     ) -> list[Child]:
-        """Start ``procs`` load clients sharing ``sessions`` sessions; wait for "ready"."""
+        """Start ``procs`` load clients sharing ``sessions`` sessions of ``server`` (the
+        main one by default); wait for "ready"."""
         started: list[Child] = []
         per = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
         offset = first_index
         for i, count in enumerate(per):
             full = {
-                "base_url": f"ws://127.0.0.1:{self.port}",
+                "base_url": f"ws://127.0.0.1:{(server or self.main).port}",
                 "secret": self.secret,
                 "session_prefix": f"{name}-s",
                 "user_prefix": f"{name}-u",
@@ -357,25 +409,36 @@ class Run:
         self, children: list[Child], go_at: float, window: tuple[float, float],
         during: Callable[[], None] | None = None, timeout_s: float = 180.0,
     ) -> dict[str, Any]:
-        for child in children:
+        return self.go_groups([children], go_at, window, during, timeout_s)[0]
+
+    def go_groups(
+        self, groups: list[list[Child]], go_at: float, window: tuple[float, float],
+        during: Callable[[], None] | None = None, timeout_s: float = 180.0,
+    ) -> list[dict[str, Any]]:
+        """Start every load client at ``go_at``, run ``during``, then the results of
+        each group of clients, merged per group."""
+        for child in (child for group in groups for child in group):
             child.tell(f"go {go_at:.6f} {window[0]:.6f} {window[1]:.6f}")
         if during is not None:
             during()
         deadline = time.monotonic() + timeout_s
-        merged: dict[str, Any] = {"deltas": 0, "window_deltas": 0, "latencies_us": [],
-                                  "ttfd_us": [], "stops": [], "errors": 0, "turns": 0}
-        for child in children:
-            result = child.next_json("result", deadline)
-            for key in ("deltas", "window_deltas", "errors", "turns"):
-                merged[key] += result[key]
-            for key in ("latencies_us", "ttfd_us", "stops"):
-                merged[key] += result[key]
-            if result["errors"]:
-                self.notes.append(f"{child.name}: {result['errors']} errors, e.g. "
-                                  f"{result['error_samples'][:1]}")
-        for child in children:
+        results = []
+        for group in groups:
+            merged: dict[str, Any] = {"deltas": 0, "window_deltas": 0, "latencies_us": [],
+                                      "ttfd_us": [], "stops": [], "errors": 0, "turns": 0}
+            for child in group:
+                result = child.next_json("result", deadline)
+                for key in ("deltas", "window_deltas", "errors", "turns"):
+                    merged[key] += result[key]
+                for key in ("latencies_us", "ttfd_us", "stops"):
+                    merged[key] += result[key]
+                if result["errors"]:
+                    self.notes.append(f"{child.name}: {result['errors']} errors, e.g. "
+                                      f"{result['error_samples'][:1]}")
+            results.append(merged)
+        for child in (child for group in groups for child in group):
             child.kill()
-        return merged
+        return results
 
     # --- phases ---
 
@@ -392,7 +455,7 @@ class Run:
 
     def idle(self) -> None:
         time.sleep(1.0)
-        base = rss_kb(self.server_pid)
+        base = rss_kb(self.main.pid)
         self.figures["server_rss_base_kb"] = base
         log(f"idle: server RSS before {base} KB")
         self.stall_mark()
@@ -406,7 +469,7 @@ class Run:
                 total = target
                 time.sleep(2.0)  # let the server settle (sender tasks parked, buffers freed)
                 connected = self.active_connections()
-                rss = rss_kb(self.server_pid)
+                rss = rss_kb(self.main.pid)
                 log(f"idle: {connected:.0f} connections, server RSS {rss} KB")
                 self.figures[f"idle_conns_{step}"] = connected
                 self.figures[f"idle_kb_per_conn_{step}"] = (rss - base) / max(connected, 1)
@@ -420,80 +483,107 @@ class Run:
             time.sleep(0.25)
         self.figures["stall_teardown_ms"] = self.stall_mark("teardown")
 
-    def relay(self) -> None:
+    def relay(self, sides: list[tuple[str, Server]] | None = None) -> None:
         """Streams only during the CPU window; probe sessions join after it, so their
-        per-turn work (SQLite, a new upstream connection) is not billed to deltas."""
+        per-turn work (SQLite, a new upstream connection) is not billed to deltas.
+        ``sides``: (figure prefix, server) pairs measured at once, each with the whole
+        load; by default the main server alone, figures without a prefix."""
+        sides = sides or [("", self.main)]
         scale = self.scale
         ramp_s, cpu_window_s, probe_window_s = scale["relay_windows_s"]
         length_s = ramp_s + cpu_window_s + probe_window_s + 0.5
         spec = {"mode": "turns", "turns": 1, "n": int(length_s / 0.2), "every_ms": 200,
                 "stagger_s": 0.2, "dur_s": length_s + 5, "collect_ttfd": False,
                 "phase_timeout_s": length_s + 60}
-        streams = self.clients("relay", scale["relay_procs"], scale["relay_sessions"], 0, spec)
         probe_spec = {"mode": "turns", "turns": 100000, "n": 1, "every_ms": 0,
                       "pause_s": 0.25, "until_s": length_s - 0.5,
                       "start_delay_s": ramp_s + cpu_window_s, "stagger_s": 0.25,
                       "phase_timeout_s": length_s + 60}
-        probes = self.clients("probe", 1, scale["probe_sessions"], 0, probe_spec)
+        groups = [
+            self.clients(f"{prefix}relay", scale["relay_procs"], scale["relay_sessions"], 0,
+                         spec, server)
+            + self.clients(f"{prefix}probe", 1, scale["probe_sessions"], 0, probe_spec, server)
+            for prefix, server in sides
+        ]
         go_at = time.monotonic() + 0.5
         window = (go_at + ramp_s, go_at + ramp_s + cpu_window_s)
-        sampled: dict[str, float] = {}
-        sample_cpu = self.cpu_sampler(window, sampled)
+        sampled: dict[str, dict[str, float]] = {}
+        sample_cpu = self.cpu_sampler(window, sampled, {p: srv.pid for p, srv in sides})
 
-        self.stall_mark()
-        profiler = self.start_profiler("relay", window) if self.profile_out else None
-        result = self.go(streams + probes, go_at, window, sample_cpu,
-                         timeout_s=length_s + 90)
+        for _, server in sides:
+            self.stall_mark(server=server)
+        first = sides[0][0]
+        profiler = self.start_profiler(first + "relay", window) if self.profile_out else None
+        results = self.go_groups(groups, go_at, window, sample_cpu, timeout_s=length_s + 90)
         if profiler is not None:
             profiler.proc.wait(timeout=60)
-        self.figures["stall_relay_ms"] = self.stall_mark("relay")
+        all_relayed = sum(result["window_deltas"] for result in results)
+        for (prefix, server), result in zip(sides, results, strict=True):
+            self.figures[prefix + "stall_relay_ms"] = self.stall_mark(prefix + "relay", server)
+            self.relay_figures(prefix, result, sampled, window, all_relayed)
+
+    def relay_figures(
+        self, prefix: str, result: dict[str, Any], sampled: dict[str, dict[str, float]],
+        window: tuple[float, float], all_relayed: int,
+    ) -> None:
+        """The figures of one side of the relay phase (see `relay`)."""
+        cpu = sampled[prefix]
         relayed = result["window_deltas"]
-        self.figures["relay_window_deltas"] = relayed
-        self.figures["relay_cpu_s_per_1000_deltas"] = (
-            (sampled["cpu1"] - sampled["cpu0"]) / relayed * 1000 if relayed else math.nan
+        self.figures[prefix + "relay_window_deltas"] = relayed
+        self.figures[prefix + "relay_cpu_s_per_1000_deltas"] = (
+            (cpu["cpu1"] - cpu["cpu0"]) / relayed * 1000 if relayed else math.nan
         )
-        self.figures["relay_deltas_per_s"] = relayed / (window[1] - window[0])
+        self.figures[prefix + "relay_deltas_per_s"] = relayed / (window[1] - window[0])
         # The machine's price of a trio wake-up plus a socket write: the fake does only
-        # that per delta (a timer, one send), so the server cannot cost much less.
-        self.figures["fake_cpu_s_per_1000_deltas"] = (
-            (sampled["fake1"] - sampled["fake0"]) / relayed * 1000 if relayed else math.nan
+        # that per delta (a timer, one send), so the server cannot cost much less. With
+        # several sides the fake serves them all: its figure is per delta of all sides.
+        fake = sampled["fake"]
+        self.figures[prefix + "fake_cpu_s_per_1000_deltas"] = (
+            (fake["cpu1"] - fake["cpu0"]) / all_relayed * 1000 if all_relayed else math.nan
         )
         # The machine's speed drifts; this ratio does not (bench/README.md).
-        self.figures["relay_cpu_to_fake"] = (
-            self.figures["relay_cpu_s_per_1000_deltas"] / self.figures["fake_cpu_s_per_1000_deltas"]
-            if self.figures["fake_cpu_s_per_1000_deltas"] else math.nan
-        )
-        spent = sampled["cpu1"] - sampled["cpu0"]
-        self.figures["relay_cpu_system_share"] = (
-            (sampled["sys1"] - sampled["sys0"]) / spent if spent else 0.0
+        server_cpu = self.figures[prefix + "relay_cpu_s_per_1000_deltas"]
+        fake_cpu = self.figures[prefix + "fake_cpu_s_per_1000_deltas"]
+        self.figures[prefix + "relay_cpu_to_fake"] = server_cpu / fake_cpu if fake_cpu else math.nan
+        spent = cpu["cpu1"] - cpu["cpu0"]
+        self.figures[prefix + "relay_cpu_system_share"] = (
+            (cpu["sys1"] - cpu["sys0"]) / spent if spent else 0.0
         )
         latencies = [v / 1000 for v in result["latencies_us"]]
-        self.figures["latency_samples"] = len(latencies)
-        self.figures["latency_p50_ms"] = percentile(latencies, 0.50)
-        self.figures["latency_p99_ms"] = percentile(latencies, 0.99)
-        self.figures["latency_max_ms"] = max(latencies) if latencies else math.nan
+        self.figures[prefix + "latency_samples"] = len(latencies)
+        self.figures[prefix + "latency_p50_ms"] = percentile(latencies, 0.50)
+        self.figures[prefix + "latency_p99_ms"] = percentile(latencies, 0.99)
+        self.figures[prefix + "latency_max_ms"] = max(latencies) if latencies else math.nan
         ttfd = [v / 1000 for v in result["ttfd_us"]]  # probes only (streams do not collect)
-        self.figures["ttfd_load_samples"] = len(ttfd)
-        self.figures["ttfd_load_p50_ms"] = percentile(ttfd, 0.50)
-        self.figures["ttfd_load_p99_ms"] = percentile(ttfd, 0.99)
+        self.figures[prefix + "ttfd_load_samples"] = len(ttfd)
+        self.figures[prefix + "ttfd_load_p50_ms"] = percentile(ttfd, 0.50)
+        self.figures[prefix + "ttfd_load_p99_ms"] = percentile(ttfd, 0.99)
 
     def cpu_sampler(
-        self, window: tuple[float, float], sampled: dict[str, float]
+        self, window: tuple[float, float], sampled: dict[str, dict[str, float]],
+        pids: dict[str, int] | None = None,
     ) -> Callable[[], None]:
-        """A function that records the server's user/system CPU seconds at the start
-        (`*0`) and end (`*1`) of `window` into `sampled` (it sleeps until each)."""
+        """A function that records user/system CPU seconds at the start (`*0`) and end
+        (`*1`) of `window` (it sleeps until each): of each server in ``pids`` (name ->
+        pid; by default the main server, named "") into ``sampled[name]``, and of the
+        fake into ``sampled["fake"]``."""
+        pids = {"": self.main.pid} if pids is None else pids
+        processes = {**pids, "fake": self.fake_pid}
+
+        def sample(mark: str) -> None:
+            for name, pid in processes.items():
+                user, system = cpu_split_s(pid)
+                into = sampled.setdefault(name, {})
+                into[f"user{mark}"], into[f"sys{mark}"] = user, system
+                into[f"cpu{mark}"] = user + system
+            for pid in pids.values():
+                os.kill(pid, signal.SIGUSR2)  # BENCH_CPROFILE: profile the window
 
         def sample_cpu() -> None:
             sleep_until(window[0])
-            sampled["user0"], sampled["sys0"] = cpu_split_s(self.server_pid)
-            sampled["fake0"] = cpu_s(self.fake_pid)
-            os.kill(self.server_pid, signal.SIGUSR2)  # BENCH_CPROFILE: profile the window
+            sample("0")
             sleep_until(window[1])
-            sampled["user1"], sampled["sys1"] = cpu_split_s(self.server_pid)
-            sampled["fake1"] = cpu_s(self.fake_pid)
-            os.kill(self.server_pid, signal.SIGUSR2)
-            sampled["cpu0"] = sampled["user0"] + sampled["sys0"]
-            sampled["cpu1"] = sampled["user1"] + sampled["sys1"]
+            sample("1")
 
         return sample_cpu
 
@@ -508,7 +598,7 @@ class Run:
         ramp_s = min(2.0, length_s * 0.25)
         go_at = time.monotonic() + 0.5
         window = (go_at + ramp_s, go_at + length_s - 0.5)
-        sampled: dict[str, float] = {}
+        sampled: dict[str, dict[str, float]] = {}
         sample_cpu = self.cpu_sampler(window, sampled)
 
         self.stall_mark()
@@ -520,7 +610,7 @@ class Run:
         relayed = result["window_deltas"]
         self.figures["unpaced_deltas_per_s"] = relayed / (window[1] - window[0])
         self.figures["unpaced_cpu_s_per_1000_deltas"] = (
-            (sampled["cpu1"] - sampled["cpu0"]) / relayed * 1000 if relayed else math.nan
+            (sampled[""]["cpu1"] - sampled[""]["cpu0"]) / relayed * 1000 if relayed else math.nan
         )
 
     def stop(self) -> None:
@@ -548,12 +638,32 @@ class Run:
         self.figures["stop_p50_ms"] = percentile(waits, 0.50)
         self.figures["stop_p99_ms"] = percentile(waits, 0.99)
 
+    def tls(self) -> None:
+        """Plain and HTTPS upstream side by side: two fresh servers, one against the fake
+        over plain HTTP and one against it over HTTPS, each under the relay phase's
+        whole load in the same window, so that the machine's drift hits both alike.
+        Figures ``plain_*`` and ``tls_*``, and their CPU ratio ``tls_to_plain_cpu``."""
+        sides: list[tuple[str, Server]] = []
+        try:
+            for prefix, tls_upstream in (("plain_", False), ("tls_", True)):
+                name = f"server-{prefix.rstrip('_')}"
+                sides.append((prefix, self.start_server(name, tls_upstream=tls_upstream)))
+            self.relay(sides)
+        finally:
+            for prefix, server in sides:
+                if not server.stop():
+                    self.notes.append(f"{prefix}server did not stop on SIGTERM in time")
+        self.figures["tls_to_plain_cpu"] = (
+            self.figures["tls_relay_cpu_s_per_1000_deltas"]
+            / self.figures["plain_relay_cpu_s_per_1000_deltas"]
+        )
+
     def start_profiler(self, phase: str, window: tuple[float, float]) -> Child:
         """py-spy over the measured window (perturbs the CPU figure: profile runs only)."""
         assert self.profile_out is not None
         duration = max(1, int(window[1] - window[0]))
         out = f"{self.profile_out}-{phase}.txt"
-        argv = ["py-spy", "record", "--pid", str(self.server_pid), "--duration", str(duration),
+        argv = ["py-spy", "record", "--pid", str(self.main.pid), "--duration", str(duration),
                 "--rate", "200", "--format", "raw", "--output", out, "--nonblocking"]
         delay = max(0.0, window[0] - time.monotonic())
         return self.spawn(f"py-spy-{phase}",
@@ -595,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run py-spy over the relay windows (writes PREFIX-*.txt)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--only", metavar="PHASES",
-                        help="comma-separated subset of quiet,idle,relay,unpaced,stop")
+                        help="comma-separated subset of quiet,idle,relay,unpaced,stop,tls")
     args = parser.parse_args(argv)
     scale_name = "quick" if args.quick else "full"
     scale = SCALES[scale_name]
@@ -610,11 +720,11 @@ def main(argv: list[str] | None = None) -> int:
               notes=[], profile_out=args.profile)
     try:
         run.start_fake()
-        run.start_server()
+        run.server = run.start_server()
         run.figures["stall_startup_ms"] = run.stall_mark("startup")  # before any client
-        log(f"server pid {run.server_pid} on port {run.port}, fake on {run.fake_port}, "
+        log(f"server pid {run.main.pid} on port {run.main.port}, fake on {run.fake_port}, "
             f"work dir {work}")
-        phases = [run.quiet, run.idle, run.relay, run.unpaced, run.stop]
+        phases = [run.quiet, run.idle, run.relay, run.unpaced, run.stop, run.tls]
         if args.only:
             phases = [phase for phase in phases if phase.__name__ in args.only.split(",")]
         for phase in phases:
@@ -625,19 +735,16 @@ def main(argv: list[str] | None = None) -> int:
                     subprocess.SubprocessError) as exc:
                 run.notes.append(f"phase {phase.__name__} failed: {type(exc).__name__}: {exc}")
                 log(run.notes[-1])
-        run.figures["server_cpu_total_s"] = cpu_s(run.server_pid)
-        run.figures["server_rss_end_kb"] = rss_kb(run.server_pid)
+        run.figures["server_cpu_total_s"] = cpu_s(run.main.pid)
+        run.figures["server_rss_end_kb"] = rss_kb(run.main.pid)
     finally:
-        if run.server is not None and run.server.proc.poll() is None:
-            run.server.proc.send_signal(signal.SIGTERM)
-            try:
-                run.server.proc.wait(timeout=SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                run.notes.append("server did not stop on SIGTERM in time")
+        if run.server is not None and not run.server.stop():
+            run.notes.append("server did not stop on SIGTERM in time")
         for child in reversed(run.children):
             child.kill()
-    final = [json.loads(line) for line in run.stall_path.read_text().splitlines()
-             if '"final": true' in line] if run.stall_path.exists() else []
+    stall_path = run.work / "server-stalls.jsonl"
+    final = [json.loads(line) for line in stall_path.read_text().splitlines()
+             if '"final": true' in line] if stall_path.exists() else []
     run.figures["stall_max_ms"] = final[-1]["max_stall_ms"] if final else math.nan
     run.figures["bench_seconds"] = time.monotonic() - started
     for key, *_ in TARGETS:

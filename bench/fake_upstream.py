@@ -1,6 +1,11 @@
 """A paced fake Responses API for the benchmark, run as its own process.
 
     python bench/fake_upstream.py          # prints "fake listening on PORT" on stdout
+    python bench/fake_upstream.py --tls-dir DIR   # also HTTPS: "fake tls listening on PORT"
+
+With ``--tls-dir`` it writes a self-signed certificate for 127.0.0.1 to
+``DIR/cert.pem`` (and its key) and serves the same replies over TLS on a second
+port, as api.openai.com does (trio's SSLStream: the TLS cost is the fake's own).
 
 Each ``POST .../responses`` is answered by a streamed text reply whose shape is
 taken from the user's last message, a line of ``key=value`` directives:
@@ -26,10 +31,13 @@ stderr and ends that exchange only.
 
 from __future__ import annotations
 
+import argparse
 import json
+import ssl
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +45,14 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chat.demo_model import encode_sse, last_user_text, text_response_events  # noqa: E402
+from self_signed import self_signed_cert  # noqa: E402  (this script's folder)
+
+from chat.demo_model import (  # noqa: E402
+    encode_sse,
+    last_user_text,
+    previous_response_id_of,
+    text_response_events,
+)
 
 REQUEST_READ_TIMEOUT_S = 10.0
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -66,7 +81,7 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def _read_request(stream: trio.SocketStream) -> tuple[str, str, bytes] | None:
+async def _read_request(stream: trio.abc.Stream) -> tuple[str, str, bytes] | None:
     """(method, path, body) of one HTTP/1.1 request with Content-Length, or None."""
     buffer = b""
     while b"\r\n\r\n" not in buffer:
@@ -97,7 +112,7 @@ async def _read_request(stream: trio.SocketStream) -> tuple[str, str, bytes] | N
 class _Reply:
     """One streamed text reply; ``closed_at`` is set when the client goes away."""
 
-    def __init__(self, state: _State, stream: trio.SocketStream, received_at: float) -> None:
+    def __init__(self, state: _State, stream: trio.abc.Stream, received_at: float) -> None:
         self.state = state
         self.stream = stream
         self.received_at = received_at
@@ -121,14 +136,14 @@ class _Reply:
                 self.closed_at = time.monotonic()
             raise
 
-    async def play(self, spec: dict[str, str]) -> None:
+    async def play(self, spec: dict[str, str], chained: str | None) -> None:
         count = int(spec.get("n", "10"))
         every_s = float(spec.get("every", "0")) / 1000
         first_s = float(spec.get("first", "0")) / 1000
         limit_s = min(float(spec.get("dur", "60")), MAX_REPLY_S)
         self.state.response_counter += 1
         response_id = f"resp_bench_{self.state.response_counter:08d}"
-        template = text_response_events(response_id, MODEL, ["x"])
+        template = text_response_events(response_id, MODEL, ["x"], previous_response_id=chained)
         head = b"".join(encode_sse(event) for event in template[:4])
         place = template[4]
         await self._write(
@@ -173,13 +188,15 @@ class _Reply:
                     await trio.sleep(wake - now)
             else:
                 await trio.lowlevel.checkpoint()
-        tail = text_response_events(response_id, MODEL, chunks)[-4:]
+        tail = text_response_events(
+            response_id, MODEL, chunks, previous_response_id=chained
+        )[-4:]
         body = b"".join(encode_sse({**event, "sequence_number": sequence + i})
                         for i, event in enumerate(tail))
         await self._write(_chunk(body) + b"0\r\n\r\n")
 
 
-async def _handle(state: _State, stream: trio.SocketStream) -> None:
+async def _handle(state: _State, stream: trio.abc.Stream) -> None:
     try:
         async with stream:
             with trio.move_on_after(REQUEST_READ_TIMEOUT_S):
@@ -205,13 +222,14 @@ async def _handle(state: _State, stream: trio.SocketStream) -> None:
                 )
                 return
             state.requests += 1
-            spec = _directives(last_user_text(json.loads(body).get("input")))
+            request_body = json.loads(body)
+            spec = _directives(last_user_text(request_body.get("input")))
             reply = _Reply(state, stream, received_at)
             completed = False
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reply.watch_close, nursery.cancel_scope)
                 try:
-                    await reply.play(spec)
+                    await reply.play(spec, previous_response_id_of(request_body))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
                 else:
@@ -228,13 +246,23 @@ async def _handle(state: _State, stream: trio.SocketStream) -> None:
         traceback.print_exc()
 
 
-async def _main() -> None:
+async def _main(tls_dir: Path | None) -> None:
     state = _State()
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
-    port = listeners[0].socket.getsockname()[1]
-    print(f"fake listening on {port}", flush=True)
-    await trio.serve_listeners(lambda stream: _handle(state, stream), listeners)
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+    plain = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
+    print(f"fake listening on {plain[0].socket.getsockname()[1]}", flush=True)
+    listeners += plain
+    if tls_dir is not None:
+        cert, key = self_signed_cert(tls_dir)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        secure = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
+        print(f"fake tls listening on {secure[0].socket.getsockname()[1]}", flush=True)
+        listeners += [trio.SSLListener(listener, context) for listener in secure]
+    await trio.serve_listeners(partial(_handle, state), listeners)
 
 
 if __name__ == "__main__":
-    trio.run(_main)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tls-dir", type=Path, help="also serve HTTPS, certificate written here")
+    trio.run(_main, parser.parse_args().tls_dir)

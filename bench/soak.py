@@ -50,7 +50,11 @@ from wsproto.utilities import LocalProtocolError
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from chat.demo_model import encode_sse, text_response_events  # noqa: E402
+from chat.demo_model import (  # noqa: E402
+    encode_sse,
+    previous_response_id_of,
+    text_response_events,
+)
 
 JWT_SECRET = "soak-secret-that-is-long-enough-for-hs256"
 UPSTREAM_DELTA_INTERVAL_S = 0.015
@@ -71,6 +75,7 @@ LISTENING_RE = re.compile(r"listening on http://[^\s:]+:(\d+)")
 async def _upstream_handle(stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER)
     rng = random.Random()
+    body = b""
     try:
         with trio.move_on_after(10):
             while True:
@@ -80,21 +85,29 @@ async def _upstream_handle(stream: trio.SocketStream) -> None:
                     conn.receive_data(data)
                     if not data:
                         return
+                elif isinstance(event, h11.Data):
+                    body += event.data
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     return
         words = [f"w{n} " for n in range(rng.randint(5, 40))]
-        events = text_response_events(f"resp_soak_{rng.getrandbits(48):x}", "soak", words)
+        try:
+            chained = previous_response_id_of(json.loads(body))
+        except ValueError:
+            chained = None
+        events = text_response_events(
+            f"resp_soak_{rng.getrandbits(48):x}", "soak", words, previous_response_id=chained
+        )
         head = h11.Response(
             status_code=200,
             headers=[("content-type", "text/event-stream"), ("connection", "close")],
         )
         await stream.send_all(conn.send(head))
-        for event in events:
-            if event["type"] == "response.output_text.delta":
+        for sse_event in events:
+            if sse_event["type"] == "response.output_text.delta":
                 await trio.sleep(UPSTREAM_DELTA_INTERVAL_S)
-            await stream.send_all(conn.send(h11.Data(data=encode_sse(event))))
+            await stream.send_all(conn.send(h11.Data(data=encode_sse(sse_event))))
         await stream.send_all(conn.send(h11.EndOfMessage()))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
         pass  # the server closed the request (a stop or a disconnect): expected

@@ -7,6 +7,10 @@ Each run starts the program on a free loopback port with a fresh database in a
 scratch folder, polls /healthz every 5 ms, then stops it with SIGTERM and waits for
 exit code 0. Prints each run and the median, in seconds. The figures in
 docs/operations.md come from this script.
+
+With --python the environment is passed on as it is: where PYTHONDONTWRITEBYTECODE is
+set (as in some CI sandboxes) Python keeps no bytecode cache, and every start compiles
+the server's own modules again (about 60 ms on the 2-core VM); the script says so.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     options = parser.parse_args()
     command = [sys.executable, options.program] if options.python else [options.program]
+    if options.python and os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print("note: PYTHONDONTWRITEBYTECODE is set: every start compiles the server's modules")
     times = []
     for run in range(1, options.runs + 1):
         times.append(one_run(command))

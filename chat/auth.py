@@ -3,14 +3,17 @@
 Error handling: every way a token can be wrong (missing, oversized, bad signature,
 an algorithm off the allow-list, expired, no `sub`) raises `protocol.Unauthorized`
 (close 4001); the token itself never reaches a log or an error message.
+
+Start-up: PyJWT is imported where a token is first read or made, not with this module.
+Importing it imports `cryptography` (for RS256/ES256), with trio the largest import here,
+which nothing needs before the first request; the server imports it right after it
+listens (`server.warm_up`), so a client does not usually wait for it either.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
-
-import jwt
 
 import protocol as wire
 
@@ -40,6 +43,8 @@ class TokenVerifier:
         """Return (user id, expiry as a UNIX time or None). Raises Unauthorized."""
         if not token or len(token) > MAX_TOKEN_BYTES:
             raise wire.Unauthorized()
+        import jwt  # on first use: see "Start-up" above
+
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
             if not isinstance(algorithm, str) or algorithm not in self._keys:
@@ -84,4 +89,6 @@ def _is_time(value: object) -> bool:
 
 def issue_token(secret: str, subject: str, ttl_s: int) -> str:
     now = int(time.time())
+    import jwt  # on first use: see "Start-up" above
+
     return jwt.encode({"sub": subject, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")

@@ -34,11 +34,18 @@ def encode_sse(event: Mapping[str, Any]) -> bytes:
 
 
 def text_response_events(
-    response_id: str, model: str, text_chunks: list[str], *, created_at: int = 0
+    response_id: str,
+    model: str,
+    text_chunks: list[str],
+    *,
+    created_at: int = 0,
+    previous_response_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """The full event sequence of a one-message text answer, shaped like the recordings.
 
-    Pure: ids derive from ``response_id``; pass ``created_at`` for a real timestamp.
+    Pure: ids derive from ``response_id``; pass ``created_at`` for a real timestamp, and
+    the request's ``previous_response_id``, which the real API echoes (a chain whose id
+    is not echoed is taken for one the upstream ignored: agent_client, "Chaining").
     """
     item_id = "msg_" + response_id.removeprefix("resp_")
     text = "".join(text_chunks)
@@ -62,7 +69,7 @@ def text_response_events(
             "incomplete_details": None,
             "model": model,
             "output": output,
-            "previous_response_id": None,
+            "previous_response_id": previous_response_id,
             "store": True,
             "usage": None
             if status == "in_progress"
@@ -112,6 +119,13 @@ def last_user_text(items: object) -> str:
                 if isinstance(part, dict) and isinstance(part.get("text"), str)
             )
     return ""
+
+
+def previous_response_id_of(body: object) -> str | None:
+    """The ``previous_response_id`` of a Responses API request body, if it is a string:
+    what an answer's response object echoes."""
+    chained = body.get("previous_response_id") if isinstance(body, dict) else None
+    return chained if isinstance(chained, str) else None
 
 
 class _PacedSSEStream(httpx.AsyncByteStream):
@@ -173,6 +187,7 @@ class DemoModelTransport(httpx.AsyncBaseTransport):
             str(body.get("model", "demo")),
             re.findall(r"\s*\S+", text),
             created_at=int(time.time()),
+            previous_response_id=previous_response_id_of(body),
         )
         return httpx.Response(
             200,

@@ -98,6 +98,13 @@ class ServerMetrics:
             ["path"],
             registry=registry,
         )
+        self.upstream_chaining_active = Gauge(
+            "chat_upstream_chaining_active",
+            "1 while turns chain with previous_response_id; 0 with --no-store, or once "
+            "the upstream answered a chained request without echoing it (full history "
+            "from then on, for the life of the process).",
+            registry=registry,
+        )
         self.detached_sessions = Gauge(
             "chat_detached_sessions",
             "Sessions whose turn or queue goes on with no connection attached.",

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import protocol as wire
 from chat.auth import TokenVerifier
-from chat.connection import history_entry
 from chat.http_front import HttpAnswer, error_answer, json_answer
 from store import SessionInfo, Store, StoredMessage
 
@@ -137,6 +136,10 @@ class SessionsApi:
             return _NO_SUCH_SESSION
         info, messages = exported
         if export_format == "json":
+            # Here, not at the top: chat.connection (and trio-websocket with it) is not
+            # imported before the server listens (server.py, "Start-up").
+            from chat.connection import history_entry
+
             entries = [history_entry(message).model_dump(mode="json") for message in messages]
             return json_answer(200, {"session": await self._view(info), "messages": entries})
         filename = quote(f"{info.id}.md")

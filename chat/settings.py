@@ -97,7 +97,8 @@ class ConfigError(Exception):
 
 
 class _ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Built when a tools file is read, not at import: a server without one never needs it.
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})

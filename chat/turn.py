@@ -34,6 +34,7 @@ from agent_client import (
     Completed,
     Failed,
     Incomplete,
+    PreviousResponseIgnored,
     PreviousResponseNotFound,
     ResponseRequest,
     ResponseStarted,
@@ -238,6 +239,9 @@ class _Conversation:
         self._services = services
         self._config = services.config
         self._turn = turn
+        # This turn's finished tool rounds as input items (what the model said and
+        # called, then the outputs): the full history of a request leaves them out.
+        self._rounds: list[dict[str, Any]] = []
 
     async def converse(self) -> None:
         """Stream upstream responses until the model is done, answering tool calls
@@ -248,23 +252,32 @@ class _Conversation:
             parts_before = len(turn.parts)
             try:
                 calls = await self._stream_round(request)
-            except PreviousResponseNotFound:
-                if request.previous_response_id is None or turn.parts:
+            except PreviousResponseNotFound as exc:
+                # Raised before any of this round's events, so nothing is repeated.
+                if request.previous_response_id is None or len(turn.parts) > parts_before:
                     raise
-                # The upstream forgot the chain (expired or another project): resend history.
-                log.info("session %s: previous response unknown upstream", self._host.session_id)
-                request = await self._full_history_request()
+                # The upstream forgot the chain (expired, another project) or ignores it
+                # (PreviousResponseIgnored; the agent client chains no more): resend history.
+                log.info(
+                    "session %s: previous response %s upstream; resending the full history",
+                    self._host.session_id,
+                    "ignored" if isinstance(exc, PreviousResponseIgnored) else "unknown",
+                )
+                request = await self._unchained_request()
                 continue
             if not calls:
                 return
             outputs = await self._resolve_tool_calls(calls)
             said = "".join(turn.parts[parts_before:])
-            request = self._tool_output_request(request, said, calls, outputs)
+            request = await self._tool_output_request(request, said, calls, outputs)
+
+    def _chains(self) -> bool:
+        return self._config.upstream_store and self._services.agent.chaining_active
 
     async def _first_request(self) -> ResponseRequest:
         # The context ends at this turn's own message: messages queued behind it are
         # context for their own turns, not this one.
-        if self._config.upstream_store:
+        if self._chains():
             chain = await self._services.store.chain_point(
                 self._host.session_id, up_to=self._turn.message.id
             )
@@ -278,6 +291,12 @@ class _Conversation:
         )
         return self._request(input_items(history), None)
 
+    async def _unchained_request(self) -> ResponseRequest:
+        """The full history, then this turn's finished tool rounds: the same context
+        as a chained request, with no previous_response_id."""
+        request = await self._full_history_request()
+        return replace(request, input=[*request.input, *self._rounds])
+
     def _request(self, items: list[dict[str, Any]], previous: str | None) -> ResponseRequest:
         return ResponseRequest(
             input=items,
@@ -287,20 +306,24 @@ class _Conversation:
             store=self._config.upstream_store,
         )
 
-    def _tool_output_request(
+    async def _tool_output_request(
         self,
         request: ResponseRequest,
         said: str,
         calls: list[ToolCall],
         outputs: list[dict[str, Any]],
     ) -> ResponseRequest:
-        if self._config.upstream_store:
-            return self._request(outputs, self._turn.response_id)
-        # Without upstream storage nothing can be chained: resend this round's input
-        # with what the model said and asked in this round, then the outputs.
         text = [assistant_item(said)] if said else []
         asked = [function_call_item(c.call_id, c.name, c.arguments) for c in calls]
-        return replace(request, input=[*request.input, *text, *asked, *outputs])
+        self._rounds += [*text, *asked, *outputs]
+        if self._chains():
+            return self._request(outputs, self._turn.response_id)
+        if request.previous_response_id is None:
+            # Nothing chained (--no-store, or an upstream that ignores chains): resend
+            # this round's input with what the model said and asked, then the outputs.
+            return replace(request, input=[*request.input, *text, *asked, *outputs])
+        # This round was chained, and chaining stopped since: rebuild the whole context.
+        return await self._unchained_request()
 
     async def _stream_round(self, request: ResponseRequest) -> list[ToolCall]:
         """One upstream response (the agent client retries what is safe to retry)."""

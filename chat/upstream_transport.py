@@ -1,14 +1,15 @@
 """Upstream reads beneath httpx: the only code that relies on httpx's, httpcore's and
 h11's private or undocumented behaviour, kept because the benchmark shows it pays.
 
-What it owns: ``LeanReadTransport`` (httpx's own transport over a pool whose plain-TCP
-connections, ``_LeanReadStream``, read with one ``os.read`` and hand a response body
-over), ``body_chunks`` (a chunked body read off such a connection and decoded here,
-``ChunkedBodyDecoder``, instead of through httpx, httpcore and h11), ``close_response``
-(closes a response and breaks httpx's response/body-stream reference cycle), and
-``lean_read_transport``, which decides whether any of the read path applies.
+What it owns: ``LeanReadTransport`` (httpx's own transport over a pool whose
+connections, ``_LeanReadStream``, read cheaply and hand a response body over: plain
+TCP with one ``os.read``, TLS with one ``ssl.SSLSocket.recv``), ``body_chunks`` (a
+chunked body read off such a connection and decoded here, ``ChunkedBodyDecoder``,
+instead of through httpx, httpcore and h11), ``close_response`` (closes a response
+and breaks httpx's response/body-stream reference cycle), and ``lean_read_transport``,
+which decides whether any of the read path applies.
 
-What it buys (bench/README.md; 2-core VM, plain-HTTP upstream, Python 3.11):
+What it buys (bench/README.md; 2-core VM, Python 3.11; plain-HTTP upstream but for TLS):
 
 * Reads without httpcore's and trio's per-read layers (a cancel scope, three
   exception mappers, a recv tried before every wait): part of session 2's hot-path
@@ -21,11 +22,17 @@ What it buys (bench/README.md; 2-core VM, plain-HTTP upstream, Python 3.11):
   commit 1b31251): unpaced stall 22-27 -> 11-16 ms, for 15 % less unpaced throughput.
 * No cyclic garbage per turn (session 1): with full collections made rare, a cycle
   per response would otherwise hold its memory until the next full collection.
+* TLS (``_LeanTLSStream``, session 6): the stdlib's ``ssl.SSLSocket`` on the
+  non-blocking socket, so OpenSSL reads the socket itself and a record costs one C
+  call, instead of trio's ``SSLStream`` (a state machine in Python around an
+  ``ssl.MemoryBIO``) under httpcore's read layers and httpx's body path. With an
+  HTTPS upstream the server spent TLS_BEFORE times the CPU per relayed delta of a
+  plain-HTTP one, measured side by side (``make bench``, phase tls); now TLS_AFTER.
 
 What it relies on, tested with httpx 0.28.1, httpcore 1.0.9 and h11 0.16.0. At startup
 (each ``AgentClient``) ``self_check`` refuses other series (``TESTED_SERIES``) and checks
 3 without a connection, and ``LeanReadTransport`` checks 1; tests/test_upstream_transport.py
-checks all four over a loopback socket and fails when one stops holding:
+checks all five over loopback sockets (plain and TLS) and fails when one stops holding:
 
 1. httpx: ``AsyncHTTPTransport`` keeps its httpcore pool in the private attribute
    ``_pool``, an ``httpcore.AsyncConnectionPool``; it is rebuilt here with the same
@@ -41,13 +48,18 @@ checks all four over a loopback socket and fails when one stops holding:
    back, it produces ``EndOfMessage`` and the connection goes back to the pool.
 4. httpx's response/body-stream cycle runs through the public ``Response.stream``;
    replacing it on a closed response breaks the cycle (harmless if it stops holding).
+5. httpcore (its public network-stream interface, as its own trio backend uses it):
+   for an https URL it calls ``start_tls`` on the stream ``connect_tcp`` returned and
+   then uses only the stream ``start_tls`` returns, asking it for ``ssl_object`` (ALPN)
+   and ``is_readable`` (a pooled connection closed by the server); the plain stream's
+   ``socket`` extra is a trio socket, whose ``detach`` hands the descriptor over.
 
 Where it applies: ``AgentClient(lean_reads=True)`` (the default) closes every response
-with ``close_response``; the read path (``lean_read_transport``) applies to a
-plain-HTTP upstream reached without a proxy, never to TLS (the figures above are for
-plain TCP), and only when ``self_check`` passes. Otherwise the reads are plain httpx's,
-and one WARNING (logger ``chat.upstream``) says why. ``lean_reads=False`` uses none of
-this module.
+with ``close_response``; the read path (``lean_read_transport``) applies to an HTTP or
+HTTPS upstream reached without a proxy (httpx then tunnels through the proxy with its
+own transport), and only when ``self_check`` passes. Otherwise the reads are plain
+httpx's, and one WARNING (logger ``chat.upstream``) says why. ``lean_reads=False`` uses
+none of this module.
 """
 
 from __future__ import annotations
@@ -55,11 +67,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
+import socket as stdlib_socket
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncGenerator, Iterable
-from typing import Any, cast
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, TypeVar, cast
 
 import h11
 import httpcore
@@ -101,12 +117,13 @@ def lean_read_transport(
     url: str, tls: ssl.SSLContext, limits: httpx.Limits
 ) -> LeanReadTransport | None:
     """The lean transport for requests to ``url``, or None when it cannot apply: the
-    upstream is HTTPS, a proxy from the environment carries the requests, or
-    ``self_check`` fails. None is logged once, as a WARNING naming the reason."""
+    upstream is neither HTTP nor HTTPS, a proxy from the environment carries the
+    requests, or ``self_check`` fails. None is logged once, as a WARNING naming the
+    reason."""
     target = httpx.URL(url)
     reason: str | None = None
-    if target.scheme != "http":
-        reason = f"the upstream is {target.scheme}, and lean reads are for plain TCP only"
+    if target.scheme not in ("http", "https"):
+        reason = f"the upstream is {target.scheme}, and lean reads are for HTTP and HTTPS"
     elif _proxied(target):
         reason = "a proxy from the environment carries the upstream requests"
     else:
@@ -129,8 +146,9 @@ def _proxied(target: httpx.URL) -> bool:
 
 def self_check() -> None:
     """Check the assumptions that can be checked without a connection (see the module
-    docstring): the library series, and h11's reading of a response head and of the
-    message end handed back to it. Raises AssumptionBroken naming the first that fails."""
+    docstring): the library series, h11's reading of a response head and of the
+    message end handed back to it, and that a trio socket can hand over its
+    descriptor. Raises AssumptionBroken naming the first that fails."""
     versions = {
         "httpx": httpx.__version__,
         "httpcore": httpcore.__version__,
@@ -141,6 +159,8 @@ def self_check() -> None:
             raise AssumptionBroken(f"{name} {versions[name]} is not the tested {series}.x")
     for heads in (_PROBE_HEADS, _PROBE_HEADS.replace(b"\r\n", b"\n")):
         _check_h11_hand_over(heads)
+    if not callable(getattr(trio.socket.SocketType, "detach", None)):
+        raise AssumptionBroken("trio's sockets cannot hand their descriptor over (detach)")
 
 
 # An informational head first, then the final one: reads stop at each head's end.
@@ -212,7 +232,8 @@ _SocketOption = (
 
 
 class _LeanReadBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's trio backend, whose plain TCP connections read through `_LeanReadStream`."""
+    """httpcore's trio backend, whose connections read through `_LeanTCPStream` and,
+    for TLS, `_LeanTLSStream`."""
 
     def __init__(self) -> None:
         self._trio = httpcore.TrioBackend()
@@ -226,7 +247,7 @@ class _LeanReadBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[_SocketOption] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         stream = await self._trio.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _LeanReadStream(stream)
+        return _LeanTCPStream(stream)
 
     async def connect_unix_socket(
         self,
@@ -290,13 +311,13 @@ class _HeadEnd:
 
 
 class _LeanReadStream(httpcore.AsyncNetworkStream):
-    """A plain-TCP httpcore connection whose reads are cheap, and whose response bodies
-    can be read by `_tapped_body`.
+    """An httpcore connection whose reads are cheap, and whose response bodies can be
+    read by `_tapped_body`; `_LeanTCPStream` and `_LeanTLSStream` read the network.
 
     Cheap reads: untimed reads skip httpcore's and trio's layers. They are a read per
     SSE event, and those layers cost more than the event. When the last read drained
-    the socket, it waits for readability first instead of trying a recv that would
-    fail. Timed reads are httpcore's own.
+    the connection, the next waits for readability first instead of trying a read that
+    would fail.
 
     Body hand-over: from each request write until ``take_body``, a read returns at
     most up to the end of a response head (by h11's rule), and keeps what follows.
@@ -306,11 +327,7 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
     message), so that a response read this way still ends in httpcore's pool.
     """
 
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        # The socket's descriptor while it is open (-1 once closed: read through httpcore).
-        self._fd: int = inner.get_extra_info("socket").fileno()
-        self._drained = True
+    def __init__(self) -> None:
         self._unread = b""  # read from the network, not yet returned
         self._in_head = False  # reads stop at the end of a response head
         self._head_end = _HeadEnd()
@@ -341,6 +358,56 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
         """Make ``data`` the next bytes read."""
         self._unread = data + self._unread
 
+    async def write(
+        self,
+        buffer: bytes,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> None:
+        self._in_head = True  # a request: its response head comes next
+        self._head_end.reset()
+        await self._write_network(buffer, timeout)
+
+    async def _read_network(
+        self,
+        max_bytes: int,
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> bytes:
+        raise NotImplementedError
+
+    async def _write_network(
+        self,
+        buffer: bytes,
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> None:
+        raise NotImplementedError
+
+    async def _after_burst(self, data: bytes) -> bytes:
+        """``data``, once the loop pass has room for it: a read of a burst (at least
+        BURST_READ_BYTES) waits for the next pass when this one has run its budget."""
+        if len(data) < BURST_READ_BYTES:
+            return data
+        # Only bursts consult the pass clock (and install it, on first use). The data
+        # waits in _unread, so a cancelled wait loses none of it.
+        loop_pass = _loop_pass_clock()
+        if loop_pass.age_s() > BURST_PASS_BUDGET_S:
+            self._unread = data
+            while loop_pass.age_s() > BURST_PASS_BUDGET_S:
+                await trio.lowlevel.checkpoint()
+            data, self._unread = self._unread, b""
+        return data
+
+
+class _LeanTCPStream(_LeanReadStream):
+    """A plain-TCP connection: untimed reads are one ``os.read``; timed reads, writes
+    and closing are httpcore's own (``inner``)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        super().__init__()
+        self._inner = inner
+        # The socket's descriptor while it is open (-1 once closed: read through httpcore).
+        self._fd: int = inner.get_extra_info("socket").fileno()
+        self._drained = True
+
     async def _read_network(
         self,
         max_bytes: int,
@@ -363,24 +430,13 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
         self._drained = len(data) < read_bytes
-        if len(data) >= BURST_READ_BYTES:
-            # Only bursts consult the pass clock (and install it, on first use). The
-            # data waits in _unread, so a cancelled wait loses none of it.
-            loop_pass = _loop_pass_clock()
-            if loop_pass.age_s() > BURST_PASS_BUDGET_S:
-                self._unread = data
-                while loop_pass.age_s() > BURST_PASS_BUDGET_S:
-                    await trio.lowlevel.checkpoint()
-                data, self._unread = self._unread, b""
-        return data
+        return await self._after_burst(data)
 
-    async def write(
+    async def _write_network(
         self,
         buffer: bytes,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
     ) -> None:
-        self._in_head = True  # a request: its response head comes next
-        self._head_end.reset()
         await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
@@ -393,11 +449,168 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
     ) -> httpcore.AsyncNetworkStream:
-        # TLS is never lean: the TLS stream is httpcore's own, read through httpcore.
-        return await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        """TLS over this connection by the stdlib's ``ssl.SSLSocket`` (`_LeanTLSStream`).
+        The socket leaves httpcore's stream, which is not used again."""
+        socket_ = self._inner.get_extra_info("socket")
+        self._fd = -1
+        return await _LeanTLSStream.handshake(
+            stdlib_socket.socket(fileno=socket_.detach()), ssl_context, server_hostname, timeout
+        )
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+class _LeanTLSStream(_LeanReadStream):
+    """A TLS connection through the stdlib's ``ssl.SSLSocket`` on a non-blocking socket,
+    waited on with trio's ``wait_readable``/``wait_writable``: OpenSSL reads the socket
+    itself, so a TLS record costs one C call. trio's ``SSLStream`` (what httpcore uses)
+    runs its state machine in Python around an ``ssl.MemoryBIO``, and httpcore then
+    passes each read through its own layers: together about as much again as the plain
+    relay (bench/README.md, "TLS upstream").
+
+    Behaves as httpcore's TLS stream does (``https_compatible``): an EOF without
+    TLS's close_notify ends the body like a plain EOF (the chunked framing still shows
+    a truncated body), and closing sends no close_notify.
+    """
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        super().__init__()
+        self._tls = tls
+        self._drained = True
+
+    @classmethod
+    async def handshake(
+        cls,
+        sock: stdlib_socket.socket,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None,
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> _LeanTLSStream:
+        """The connection over ``sock`` once the handshake is done. Raises
+        httpcore.ConnectTimeout or ConnectError (``sock`` is then closed)."""
+        sock.setblocking(False)
+        try:
+            tls = ssl_context.wrap_socket(
+                sock, server_hostname=server_hostname, do_handshake_on_connect=False
+            )
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        stream = cls(tls)
+        try:
+            with _timed(timeout, httpcore.ConnectTimeout):
+                await stream._retrying(tls.do_handshake)
+        except BaseException as exc:
+            await stream.aclose()
+            if isinstance(exc, OSError):  # ssl.SSLError included: a refused certificate
+                raise httpcore.ConnectError(str(exc)) from exc
+            raise
+        return stream
+
+    async def _retrying(self, operation: Callable[[], _T]) -> _T:
+        """``operation`` of the SSLSocket, retried each time the socket can go on."""
+        while True:
+            try:
+                return operation()
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self._tls)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._tls)
+
+    async def _read_network(
+        self,
+        max_bytes: int,
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> bytes:
+        read_bytes = min(max_bytes, LEAN_READ_BYTES)
+        if timeout is not None:
+            with _timed(timeout, httpcore.ReadTimeout):
+                return await self._read_tls(read_bytes)
+        return await self._read_tls(read_bytes)  # a read per SSE event: no scope
+
+    async def _read_tls(self, read_bytes: int) -> bytes:
+        tls = self._tls
+        try:
+            if self._drained:
+                await trio.lowlevel.wait_readable(tls)
+            else:
+                await trio.lowlevel.checkpoint()  # every read is a schedule point
+            while True:
+                try:
+                    data = tls.recv(read_bytes)
+                    break
+                except ssl.SSLWantReadError:
+                    await trio.lowlevel.wait_readable(tls)
+                except ssl.SSLWantWriteError:  # a TLS 1.2 renegotiation
+                    await trio.lowlevel.wait_writable(tls)
+        except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+        # OpenSSL reads a socket one record at a time (read_ahead is off), so "the
+        # socket is readable" and "OpenSSL holds decrypted bytes" (pending) cover all.
+        self._drained = len(data) < read_bytes and not tls.pending()
+        return await self._after_burst(data)
+
+    async def _write_network(
+        self,
+        buffer: bytes,
+        timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> None:
+        view = memoryview(buffer)
+        try:
+            with _timed(timeout, httpcore.WriteTimeout):
+                await trio.lowlevel.checkpoint()
+                while view:
+                    view = view[await self._retrying(partial(self._tls.send, view)) :]
+        except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            raise httpcore.WriteError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        if self._tls.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._tls)
+            self._tls.close()
+        await trio.lowlevel.checkpoint()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+    ) -> httpcore.AsyncNetworkStream:
+        # TLS inside TLS is for HTTPS proxies, whose requests never come this way.
+        raise httpcore.ConnectError("TLS inside a lean TLS connection is not supported")
+
+    def get_extra_info(self, info: str) -> Any:
+        if info in ("ssl_object", "socket"):
+            return self._tls
+        if info == "client_addr":
+            return self._tls.getsockname()
+        if info == "server_addr":
+            return self._tls.getpeername()
+        if info == "is_readable":
+            poller = select.poll()
+            poller.register(self._tls, select.POLLIN)
+            return bool(poller.poll(0))
+        return None
+
+
+_T = TypeVar("_T")
+
+
+@contextmanager
+def _timed(
+    timeout: float | None,  # noqa: ASYNC109 (httpcore's interface)
+    error: type[httpcore.TimeoutException],
+) -> Iterator[None]:
+    """No limit for None, else ``error`` after ``timeout`` seconds (as httpcore's own)."""
+    if timeout is None:
+        yield
+        return
+    try:
+        with trio.fail_after(timeout):
+            yield
+    except trio.TooSlowError as exc:
+        raise error(f"no progress in {timeout} s") from exc
 
 
 # --- bodies ---------------------------------------------------------------------------

@@ -11,6 +11,14 @@ Every response says ``Connection: close`` and the socket is closed after it,
 so each exchange is one TCP connection and "the client closed it early" has
 one meaning. Bodies are chunked, each SSE event sent as soon as it is produced.
 
+Like OpenAI, the fake echoes a request's ``previous_response_id`` in the response
+objects it sends (``"previous_response_id":null`` in any reply's bytes becomes the
+request's id). ``FakeUpstream(proxy=ProxyQuirks(...))`` plays a third-party proxy
+instead, each quirk on its own or all of them (``PROXY``): it ignores the chain (no
+echo: null, or the field left out), ends with ``data: [DONE]``, sends no ``event:``
+lines, uses response ids of ~460 characters, adds ``"model"`` to every event, or sends
+no ``response.created``.
+
     fake = await nursery.start(FakeUpstream().serve)
     fake.enqueue(TextReply(["Hel", "lo"]))
     # point AgentClient at fake.base_url
@@ -18,6 +26,8 @@ one meaning. Bodies are chunked, each SSE event sent as soon as it is produced.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import secrets
@@ -42,6 +52,35 @@ FAKE_MODEL = "fake-model"
 # is a test bug, and the handler gives up rather than hanging the nursery.
 REQUEST_READ_TIMEOUT_S = 10.0
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProxyQuirks:
+    """How a popular third-party Responses API proxy (run without its database) differs
+    from OpenAI; each on its own, so a test can take them one at a time."""
+
+    ignores_chaining: bool = False  # accepts previous_response_id, does not echo it
+    echo_absent: bool = False  # with ignores_chaining: the field left out, not null
+    done_sentinel: bool = False  # `data: [DONE]` after the terminal event
+    no_event_lines: bool = False  # `data:` lines only
+    long_ids: bool = False  # response ids of ~460 characters (routing data inside)
+    model_field: bool = False  # a top-level "model" on every event
+    no_created: bool = False  # no response.created event
+
+
+PROXY = ProxyQuirks(
+    ignores_chaining=True, done_sentinel=True, no_event_lines=True, long_ids=True,
+    model_field=True,
+)
+
+
+def long_response_id(response_id: str) -> str:
+    """A proxy-style id: ``response_id`` wrapped with routing data, base64; 461
+    characters for any id up to 300 ASCII characters."""
+    head, tail = "provider:openai;deployment:", f";response_id:{response_id}"
+    filler = hashlib.sha256(response_id.encode()).hexdigest() * 6
+    routing = head + filler[: max(0, 342 - len(head) - len(tail))] + tail
+    return "resp_" + base64.urlsafe_b64encode(routing.encode()).decode()
 
 
 @dataclass
@@ -69,12 +108,19 @@ class _Exchange:
         rec: RecordedRequest,
         *,
         keep_alive: bool = False,
+        proxy: ProxyQuirks | None = None,
     ) -> None:
         self._conn = conn
         self._stream = stream
         self._keep_alive = keep_alive
+        self._proxy = proxy
         self.rec = rec
         self.early_bytes = b""
+        # OpenAI's echo of the chain, patched into whatever a reply sends (`send`).
+        chained_to = rec.body.get("previous_response_id")
+        self._echo: bytes | None = None
+        if isinstance(chained_to, str) and not (proxy and proxy.ignores_chaining):
+            self._echo = b'"previous_response_id":' + json.dumps(chained_to).encode()
 
     def note_client_closed(self) -> None:
         if self.rec.client_closed_at is None:
@@ -103,6 +149,8 @@ class _Exchange:
         await self._send(h11.Response(status_code=status, headers=list(merged.items())))
 
     async def send(self, data: bytes) -> None:
+        if self._echo is not None:
+            data = data.replace(b'"previous_response_id":null', self._echo)
         await self._send(h11.Data(data=data))
 
     async def end(self) -> None:
@@ -117,6 +165,8 @@ class _Exchange:
         """200 text/event-stream, one event per write, ``delay_s`` between deltas."""
         await self.start(200, {"content-type": "text/event-stream"})
         await self.send_events(events, delay_s)
+        if self._proxy and self._proxy.done_sentinel:
+            await self.send(b"data: [DONE]\n\n")
         await self.end()
 
     async def send_events(self, events: list[dict[str, Any]], delay_s: float = 0.0) -> None:
@@ -126,7 +176,29 @@ class _Exchange:
                 if deltas_sent and delay_s:
                     await trio.sleep(delay_s)
                 deltas_sent += 1
-            await self.send(encode_sse(event))
+            if self._proxy is None:
+                await self.send(encode_sse(event))
+            elif not (self._proxy.no_created and event["type"] == "response.created"):
+                await self.send(self._as_proxy(self._proxy, event))
+
+    def _as_proxy(self, proxy: ProxyQuirks, event: dict[str, Any]) -> bytes:
+        """``event`` as the proxy sends it (see ProxyQuirks)."""
+        response = event.get("response")
+        if isinstance(response, dict):
+            response = dict(response)
+            if proxy.long_ids:
+                response["id"] = long_response_id(response["id"])
+            if proxy.ignores_chaining:
+                response["previous_response_id"] = None
+                if proxy.echo_absent:
+                    del response["previous_response_id"]
+            event = {**event, "response": response}
+        if proxy.model_field:
+            event = {**event, "model": self.rec.body.get("model", FAKE_MODEL)}
+        if not proxy.no_event_lines:
+            return encode_sse(event)
+        data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        return f"data: {data}\n\n".encode()
 
 
 # --- replies --------------------------------------------------------------------
@@ -386,12 +458,18 @@ class FakeUpstream:
     """
 
     def __init__(
-        self, *, keep_alive: bool = False, ssl_context: ssl.SSLContext | None = None
+        self,
+        *,
+        keep_alive: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+        proxy: ProxyQuirks | None = None,
     ) -> None:
         # keep_alive: answer without `Connection: close` and serve the next request on
         # the same connection when a reply ended normally (what real upstreams do).
         # ssl_context: serve HTTPS, as the real API does.
+        # proxy: every event-stream reply as that proxy sends it (ProxyQuirks).
         self.keep_alive = keep_alive
+        self.proxy = proxy
         self._ssl_context = ssl_context
         self.connections_accepted = 0
         self.requests: list[RecordedRequest] = []
@@ -458,7 +536,7 @@ class FakeUpstream:
         else:
             self._record(rec)
             reply = self._replies.popleft() if self._replies else _echo_reply(rec.body)
-        out = _Exchange(conn, stream, rec, keep_alive=self.keep_alive)
+        out = _Exchange(conn, stream, rec, keep_alive=self.keep_alive, proxy=self.proxy)
         try:
             await _until_client_closes(stream, out, reply.play)
         finally:

@@ -20,7 +20,7 @@ import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -42,6 +42,7 @@ from agent_client import (
     Completed,
     Failed,
     Incomplete,
+    PreviousResponseIgnored,
     PreviousResponseNotFound,
     ResponseRequest,
     ResponseStarted,
@@ -60,10 +61,10 @@ from agent_client import (
     input_items,
     parse_arguments,
 )
+from bench.self_signed import self_signed_cert
 from chat.content_coding import ContentCodingError, ContentDecoder
 from chat.demo_model import DemoModelTransport, encode_sse, text_response_events
 from chat.sse import SSEEventTooLarge, SSEParser
-from conftest import self_signed_cert
 from fake_upstream import (
     RECORDINGS_DIR,
     DropReply,
@@ -71,6 +72,7 @@ from fake_upstream import (
     FakeUpstream,
     GarbageReply,
     IncompleteReply,
+    ProxyQuirks,
     RawReply,
     RecordingReply,
     StallReply,
@@ -78,6 +80,7 @@ from fake_upstream import (
     TextReply,
     ToolCallReply,
     _Exchange,
+    long_response_id,
 )
 from store import StoredMessage
 
@@ -342,6 +345,8 @@ async def test_recording_streams_to_the_right_outcome(
     if expected["has_created"]:
         assert started == [ResponseStarted(expected["response_id"])]
         assert events[0] == started[0]
+    # Recorded unchained ("previous_response_id":null): nothing to check, chaining stays.
+    assert client.chaining_active
 
 
 def recording(prefix: str) -> Path:
@@ -798,6 +803,30 @@ async def test_demo_model_streams_text_and_completes() -> None:
     assert sum(isinstance(e, TextDelta) for e in events) > 5
 
 
+async def test_demo_model_echoes_the_chain_so_chaining_goes_on() -> None:
+    # Like the real API: a demo session's second turn is chained, and stays chained.
+    agent = AgentClient(
+        base_url="http://demo.invalid/v1",
+        api_key=None,
+        model="demo",
+        transport=DemoModelTransport(word_interval_s=0.001),
+    )
+    request = ResponseRequest(
+        input=[{"role": "user", "content": "again"}],
+        instructions="",
+        previous_response_id="resp_demo_first",
+    )
+    try:
+        events = await collect(agent, request)
+    finally:
+        await agent.aclose()
+    started = events[0]
+    assert isinstance(started, ResponseStarted)
+    assert started.previous_response_id == "resp_demo_first"
+    assert isinstance(events[-1], Completed)
+    assert agent.chaining_active
+
+
 async def test_a_completed_stream_returns_its_connection_to_the_pool(
     nursery: trio.Nursery, lean_reads: bool
 ) -> None:
@@ -819,7 +848,7 @@ async def test_a_completed_stream_returns_its_connection_to_the_pool(
 async def test_https_upstream_streams_and_reuses_its_tls_connection(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The real API is HTTPS: lean reads never apply to TLS, everything is httpx's.
+    # The real API is HTTPS: lean reads apply to it (chat.upstream_transport).
     cert, key = self_signed_cert(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -828,7 +857,7 @@ async def test_https_upstream_streams_and_reuses_its_tls_connection(
     upstream.enqueue(TextReply(["secure ", "one"]), TextReply(["secure ", "two"]))
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts it, as in production
     client = AgentClient(base_url=upstream.base_url, api_key="k", model="m")
-    assert not client.lean_reads_active
+    assert client.lean_reads_active
     try:
         assert text_of(await collect(client)) == "secure one"
         assert text_of(await collect(client)) == "secure two"
@@ -1297,3 +1326,199 @@ def test_a_recording_decodes_to_its_outcome_without_a_socket(path: Path) -> None
     assert [e for e in events if isinstance(e, ToolCall)] == expected["calls"]
     terminal_type = {"response.completed": Completed, "response.incomplete": Incomplete}
     assert type(events[-1]) is terminal_type.get(expected["terminal"]["type"], Failed)
+
+
+# --- chaining checked; a third-party proxy's quirks ----------------------------------
+
+
+CHAINED = ResponseRequest(
+    input=[{"role": "user", "content": "and then?"}],
+    instructions="Be brief.",
+    previous_response_id="resp_before",
+)
+CHAIN_WARNING = "upstream ignores previous_response_id"
+
+
+def _chain_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "agent_client" and CHAIN_WARNING in record.getMessage()
+    ]
+
+
+@asynccontextmanager
+async def _proxy(
+    nursery: trio.Nursery, quirks: ProxyQuirks, lean_reads: bool, *, keep_alive: bool = False
+) -> AsyncIterator[tuple[FakeUpstream, AgentClient]]:
+    """A fake upstream with the proxy's ``quirks``, and a client of it."""
+    fake: FakeUpstream = await nursery.start(
+        FakeUpstream(proxy=quirks, keep_alive=keep_alive).serve
+    )
+    agent = AgentClient(
+        base_url=fake.base_url,
+        api_key=API_KEY,
+        model="test-model",
+        backoff_base_s=0.01,
+        lean_reads=lean_reads,
+    )
+    try:
+        yield fake, agent
+    finally:
+        await agent.aclose()
+
+
+def test_decode_created_reads_the_echoed_previous_response_id() -> None:
+    created = '{"type":"response.created","response":%s}'
+    echoed = created % '{"id":"resp_2","previous_response_id":"resp_1"}'
+    assert decode_event(echoed) == ResponseStarted("resp_2", "resp_1")
+    for response in ('{"id":"resp_2","previous_response_id":null}', '{"id":"resp_2"}'):
+        assert decode_event(created % response) == ResponseStarted("resp_2", None)
+
+
+@pytest.mark.parametrize("reply", ["synthetic", "recording 01"])
+async def test_chained_requests_the_upstream_echoes_keep_chaining(
+    fake: FakeUpstream, client: AgentClient, reply: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent_client")
+    for _ in range(3):
+        more = RecordingReply(recording("01")) if reply == "recording 01" else None
+        fake.enqueue(more or TextReply(["more"]))
+        events = await collect(client, CHAINED)
+        started = events[0]
+        assert isinstance(started, ResponseStarted)
+        assert started.previous_response_id == "resp_before"
+        assert isinstance(events[-1], Completed) and text_of(events)
+    assert client.chaining_active
+    assert [r.body["previous_response_id"] for r in fake.requests] == ["resp_before"] * 3
+    assert not _chain_warnings(caplog)
+
+
+IGNORING = {
+    "echo null": ProxyQuirks(ignores_chaining=True),
+    "echo absent": ProxyQuirks(ignores_chaining=True, echo_absent=True),
+    # The documented choice: no response.created before the answer, no verified chain.
+    "no response.created": ProxyQuirks(no_created=True),
+}
+
+
+@pytest.mark.parametrize("quirks", IGNORING.values(), ids=IGNORING.keys())
+async def test_a_chain_not_echoed_is_closed_at_once_and_chaining_stops(
+    nursery: trio.Nursery,
+    lean_reads: bool,
+    quirks: ProxyQuirks,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent_client")
+    async with _proxy(nursery, quirks, lean_reads) as (fake, agent):
+        # 30 s between the deltas: only a close at the first event ends this early.
+        fake.enqueue(TextReply(["never ", "shown"], delay_s=30.0))
+        seen: list[AgentEvent] = []
+        with trio.fail_after(IO_LIMIT_S):
+            with pytest.raises(PreviousResponseIgnored):
+                async with agent.stream(CHAINED) as events:
+                    seen += [event async for event in events]
+            first = fake.requests[0]
+            await first.done.wait()
+        assert seen == []
+        assert first.body["previous_response_id"] == "resp_before"
+        assert not first.completed_normally and first.client_closed_at is not None
+        assert first.client_closed_at - first.received_at < 1.0
+        assert not agent.chaining_active
+        (warning,) = _chain_warnings(caplog)
+        assert warning.levelno == logging.WARNING and "resp_before" not in warning.getMessage()
+
+        # From now on a chained request is not even sent...
+        with pytest.raises(PreviousResponseIgnored):
+            await collect(agent, CHAINED)
+        assert len(fake.requests) == 1
+        # ...and unchained ones stream as usual; the warning stays the only one.
+        assert text_of(await collect(agent)) == "echo: hello there"
+        assert len(_chain_warnings(caplog)) == 1 and not agent.chaining_active
+
+
+async def test_an_error_answer_to_a_chained_request_is_not_taken_for_an_ignored_chain(
+    nursery: trio.Nursery, lean_reads: bool
+) -> None:
+    # No response.created, the error event first: a failure, nothing to verify.
+    async with _proxy(nursery, ProxyQuirks(no_created=True), lean_reads) as (fake, agent):
+        fake.enqueue(FailedReply([], code="server_error"))
+        events = await collect(agent, CHAINED)
+        assert [type(event) for event in events] == [Failed]
+        assert agent.chaining_active
+
+
+QUIRKS = {
+    "data: [DONE] after the terminal event": ProxyQuirks(done_sentinel=True),
+    "no event: lines": ProxyQuirks(no_event_lines=True),
+    "response ids of ~460 characters": ProxyQuirks(long_ids=True),
+    "a model field on every event": ProxyQuirks(model_field=True),
+}
+
+
+@pytest.mark.parametrize("quirks", QUIRKS.values(), ids=QUIRKS.keys())
+async def test_each_proxy_quirk_alone_gives_the_same_events(
+    nursery: trio.Nursery, lean_reads: bool, quirks: ProxyQuirks
+) -> None:
+    async with _proxy(nursery, quirks, lean_reads) as (fake, agent):
+        fake.enqueue(
+            TextReply(["Hel", "lo"], response_id="resp_text"),
+            ToolCallReply([("c1", "f", '{"a": 1}')], "Let me see", response_id="resp_tool"),
+        )
+        text = await collect(agent)
+        tool = await collect(agent)
+    ids = {"resp_text": "resp_text", "resp_tool": "resp_tool"}
+    if quirks.long_ids:
+        ids = {short: long_response_id(short) for short in ids}
+        assert all(455 <= len(long) <= 470 for long in ids.values())
+    assert text[0] == ResponseStarted(ids["resp_text"]) and text[-1] == Completed(ids["resp_text"])
+    assert text_of(text) == "Hello"
+    assert tool[0] == ResponseStarted(ids["resp_tool"]) and tool[-1] == Completed(ids["resp_tool"])
+    assert text_of(tool) == "Let me see"
+    assert [e for e in tool if isinstance(e, ToolCall)] == [ToolCall("c1", "f", '{"a": 1}')]
+    assert agent.chaining_active
+
+
+class _DoneInOneWriteReply:
+    """A text answer, its terminal event and ``data: [DONE]`` in a single write."""
+
+    async def play(self, out: _Exchange) -> None:
+        events = text_response_events("resp_done", "m", ["Hel", "lo"])
+        await out.start(200, {"content-type": "text/event-stream"})
+        await out.send(b"".join(encode_sse(event) for event in events) + b"data: [DONE]\n\n")
+        await out.end()
+
+
+async def test_done_after_the_terminal_event_is_never_decoded_and_the_connection_is_reused(
+    nursery: trio.Nursery, lean_reads: bool
+) -> None:
+    quirks = ProxyQuirks(done_sentinel=True)
+    async with _proxy(nursery, quirks, lean_reads, keep_alive=True) as (fake, agent):
+        fake.enqueue(TextReply(["a"]), _DoneInOneWriteReply(), TextReply(["b"]))  # type: ignore[arg-type]
+        answers = [await collect(agent) for _ in range(3)]
+        assert [text_of(events) for events in answers] == ["a", "Hello", "b"]
+        assert all(sum(isinstance(e, Completed) for e in events) == 1 for events in answers)
+        # [DONE] read past, not left unread: the one connection served all three.
+        assert fake.connections_accepted == 1
+
+
+async def test_chained_requests_in_flight_together_warn_once(
+    nursery: trio.Nursery, lean_reads: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="agent_client")
+    quirks = ProxyQuirks(ignores_chaining=True)
+    async with _proxy(nursery, quirks, lean_reads) as (fake, agent):
+        refused = 0
+
+        async def chained_turn() -> None:
+            nonlocal refused
+            with pytest.raises(PreviousResponseIgnored):
+                await collect(agent, CHAINED)
+            refused += 1
+
+        async with trio.open_nursery() as turns:
+            for _ in range(3):
+                turns.start_soon(chained_turn)
+        # All three were sent before any answer came back; each was found out itself.
+        assert refused == 3 and len(fake.requests) == 3
+        assert len(_chain_warnings(caplog)) == 1

@@ -72,7 +72,8 @@ def test_pass_detail_says_where_the_longest_passes_went() -> None:
     assert kept, stdout[-4000:]
     work = Path(kept[-1].removeprefix("work dir kept: "))
     try:
-        reports = [json.loads(line) for line in (work / "stalls.jsonl").read_text().splitlines()]
+        stalls = (work / "server-stalls.jsonl").read_text()
+        reports = [json.loads(line) for line in stalls.splitlines()]
     finally:
         shutil.rmtree(work)
     details = [report["longest_pass"] for report in reports if report.get("longest_pass")]

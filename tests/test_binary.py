@@ -6,9 +6,10 @@ Skipped unless the environment variable CHAT_BINARY names the file:
 
 What only the frozen build can get wrong, each checked against the real file: a
 module PyInstaller did not collect (trio, trio_websocket, wsproto, h11, httpx,
-pydantic, jwt + cryptography for RS256/ES256, prometheus_client,
-sqlite3, ssl), the web page missing from the bundle, the bootloader not forwarding
-SIGTERM or not passing the exit code on, and the unpacked folder left behind.
+pydantic, jwt + cryptography for RS256/ES256, prometheus_client, sqlite3, ssl,
+psycopg with its libpq, coredis), the web page missing from the bundle, the
+bootloader not forwarding SIGTERM or not passing the exit code on, and the unpacked
+folder left behind.
 
 Each test runs the executable as a child on 127.0.0.1 port 0 with its database and
 its unpack folder ($TMPDIR) in the test's tmp_path, learns the port from the
@@ -25,16 +26,19 @@ import signal
 import socket
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import jwt
+import psycopg
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from postgres_server import PostgresMissing, PostgresServer
+from redis_server import RedisMissing, RedisServer
 from server_process import ServerProcess, base_env, server_process
 
 from conftest import API_KEY, JWT_SECRET, ChatClient, open_chat, token_for
@@ -267,3 +271,60 @@ async def test_binary_tells_systemd_ready_watchdog_and_stopping(
                 pass
             assert state == "STOPPING=1"
             assert await proc.wait_exit(SHUTDOWN_GRACE_S + 2) == 0, proc.stderr_text
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on a PostgreSQL server of this test's own (skipped without the
+    server binaries, failed under CI)."""
+    try:
+        server = PostgresServer.create()
+    except PostgresMissing as missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required under CI: {missing}")
+        pytest.skip(f"{missing}: run build/install-services.sh")
+    try:
+        yield server.create_database()
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis server of this test's own (skipped without redis-server, failed under CI)."""
+    try:
+        server = RedisServer.create()
+    except RedisMissing as missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"redis-server is required under CI: {missing}")
+        pytest.skip(f"{missing}: run build/install-services.sh")
+    try:
+        yield server.url
+    finally:
+        server.destroy()
+
+
+async def test_binary_runs_on_postgresql_and_redis(
+    binary: Path, fake: FakeUpstream, tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    """Several instances: psycopg (with psycopg-binary's libpq) and coredis (compiled
+    with mypyc) are imported only for a postgresql:// --db and a --redis-url, so only a
+    run with both shows that the build collected them."""
+    env = _env(fake, tmp_path, CHAT_DB=postgres_url, CHAT_REDIS_URL=redis_url)
+    fake.enqueue(TextReply(["stored ", "in ", "PostgreSQL"]))
+    async with binary_process(binary, SERVE, env) as proc:
+        with trio.fail_after(WAIT_S):
+            async with httpx.AsyncClient(timeout=WAIT_S) as http:
+                health = await http.get(f"http://127.0.0.1:{proc.port}/healthz")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        async with open_chat(proc, "bin-pg", "alice") as client:  # type: ignore[arg-type]
+            await client.send(type="message", content="hello postgres")
+            frames = await client.turn()
+        end = next(f for f in frames if f["type"] == "response_end")
+        assert end["status"] == "completed" and end["full_content"] == "stored in PostgreSQL"
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait_exit(SHUTDOWN_GRACE_S + 2) == 0, proc.stderr_text
+    assert "Traceback" not in proc.stderr_text
+    with psycopg.connect(postgres_url) as connection:
+        stored = connection.execute("SELECT content FROM messages ORDER BY id").fetchall()
+    assert [row[0] for row in stored] == ["hello postgres", "stored in PostgreSQL"]

@@ -36,6 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_process import PROJECT_DIR, SERVER_PY, base_env, server_process
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from bench.self_signed import self_signed_cert
 from chat import ops, pacing
 from chat.ops import JsonLogFormatter, NonBlockingLogHandler
 from chat.settings import ConfigError, config_from_settings, resolve_settings
@@ -45,7 +46,6 @@ from conftest import (
     JWT_SECRET,
     ChatClient,
     open_chat,
-    self_signed_cert,
     token_for,
 )
 from fake_upstream import FakeUpstream, StatusReply, TextReply

@@ -13,10 +13,11 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import ssl
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -40,7 +41,10 @@ from agent_client import (
     Completed,
     ResponseRequest,
     TextDelta,
+    UpstreamError,
+    UpstreamUnavailable,
 )
+from bench.self_signed import self_signed_cert
 from chat.demo_model import encode_sse, text_response_events
 from chat.upstream_transport import (
     BURST_PASS_BUDGET_S,
@@ -52,19 +56,24 @@ from chat.upstream_transport import (
     LeanReadTransport,
     _LeanReadBackend,
     _LeanReadStream,
+    _LeanTCPStream,
+    _LeanTLSStream,
     _loop_pass_clock,
     body_chunks,
     close_response,
     self_check,
 )
+from conftest import open_chat
 from fake_upstream import (
     FAKE_MODEL,
     RECORDINGS_DIR,
+    DropReply,
     FakeUpstream,
     RecordingReply,
     TextReply,
     _Exchange,
 )
+from server import ChatServer
 
 IO_LIMIT_S = 10
 REQUEST = ResponseRequest(input=[{"role": "user", "content": "hi"}], instructions="")
@@ -171,7 +180,7 @@ def test_the_body_is_handed_over_whole_however_the_response_is_cut(cuts: list[in
     points = [0, *sorted(set(cuts)), len(raw)]
 
     async def exchange() -> None:
-        stream = _LeanReadStream(_ScriptedStream([raw[a:b] for a, b in pairwise(points)]))
+        stream = _LeanTCPStream(_ScriptedStream([raw[a:b] for a, b in pairwise(points)]))
         await stream.write(b"POST / HTTP/1.1\r\n...")  # a request: its response head is next
         h11_client = h11.Connection(h11.CLIENT)
         h11_client.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
@@ -247,14 +256,27 @@ def test_lean_reads_apply_to_a_plain_http_upstream_without_a_warning(
     assert _upstream_warnings(caplog) == []
 
 
-def test_an_https_upstream_is_never_lean_and_says_so_once(
+def test_lean_reads_apply_to_an_https_upstream_without_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="chat.upstream")
     agent = AgentClient(base_url="https://api.example.invalid/v1", api_key=None, model="m")
+    assert agent.lean_reads_active
+    assert _upstream_warnings(caplog) == []
+
+
+def test_a_proxied_upstream_is_never_lean_and_says_so_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # httpx tunnels through the proxy with its own transport; ours would not be used.
+    caplog.set_level(logging.WARNING, logger="chat.upstream")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    agent = AgentClient(base_url="https://api.example.invalid/v1", api_key=None, model="m")
     assert not agent.lean_reads_active
     (warning,) = _upstream_warnings(caplog)
-    assert "https" in warning
+    assert "proxy" in warning
 
 
 def test_switched_off_lean_reads_are_off_without_a_warning(
@@ -461,7 +483,7 @@ async def test_a_burst_read_waiting_for_the_next_pass_keeps_its_data_when_cancel
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(IO_LIMIT_S):
-        stream = _LeanReadStream(await httpcore.TrioBackend().connect_tcp("127.0.0.1", port))
+        stream = _LeanTCPStream(await httpcore.TrioBackend().connect_tcp("127.0.0.1", port))
         peer = await listeners[0].accept()
     async with peer, listeners[0]:
         burst = bytes(range(256)) * (BURST_READ_BYTES // 256 + 1)
@@ -504,3 +526,215 @@ async def test_a_closed_response_is_freed_by_reference_counting_only_when_we_bre
             assert (freed() is None) is broken_by_us
     finally:
         gc.enable()
+
+
+# --- TLS: the stdlib's SSLSocket under the same read path ----------------------------------
+
+
+@pytest.fixture
+async def tls_fake(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> FakeUpstream:
+    """The fake upstream on HTTPS, its certificate trusted as in production: through
+    SSL_CERT_FILE, read when an AgentClient (or httpx context) is made."""
+    cert, key = self_signed_cert(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    upstream: FakeUpstream = await nursery.start(
+        FakeUpstream(keep_alive=True, ssl_context=context).serve
+    )
+    assert upstream.base_url.startswith("https://127.0.0.1:")
+    return upstream
+
+
+async def test_httpcore_reads_our_tls_connection_untimed_hands_the_body_over_and_pools_it(
+    tls_fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for plain TCP, and no read goes through trio's SSLStream or httpcore's stream.
+    tls_fake.enqueue(TextReply(["Hel", "lo"], response_id="resp_t"), TextReply(["again"]))
+    layered_reads = 0
+    body_through_h11 = 0
+    trio_read = TrioStream.read
+    next_event = h11.Connection.next_event
+
+    async def counting_read(self: TrioStream, *args: Any, **kwargs: Any) -> bytes:
+        nonlocal layered_reads
+        layered_reads += 1
+        return await trio_read(self, *args, **kwargs)
+
+    def counting_event(self: h11.Connection) -> Any:
+        nonlocal body_through_h11
+        event = next_event(self)
+        body_through_h11 += self.our_role is h11.CLIENT and isinstance(event, h11.Data)
+        return event
+
+    monkeypatch.setattr(TrioStream, "read", counting_read)
+    monkeypatch.setattr(h11.Connection, "next_event", counting_event)
+    tls = httpx.create_ssl_context()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=4)
+    async with httpx.AsyncClient(
+        mounts={"all://": LeanReadTransport(tls, limits)},
+        timeout=httpx.Timeout(IO_LIMIT_S, read=None),
+    ) as client:
+        bodies: list[bytes] = []
+        with trio.fail_after(IO_LIMIT_S):
+            for _ in range(2):
+                request = client.build_request("POST", f"{tls_fake.base_url}/responses", json={})
+                response = await client.send(request, stream=True)
+                stream = response.extensions["network_stream"]
+                assert isinstance(stream, _LeanTLSStream)
+                assert stream.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+                bodies.append(b"".join([chunk async for chunk in body_chunks(response)]))
+                assert response.is_closed  # read to its end through httpcore
+    assert body_through_h11 == 0
+    assert layered_reads == 0
+    sent = text_response_events("resp_t", FAKE_MODEL, ["Hel", "lo"])
+    assert bodies[0] == b"".join(encode_sse(event) for event in sent)
+    assert tls_fake.connections_accepted == 1
+
+
+@pytest.fixture
+async def both_tls_clients(
+    tls_fake: FakeUpstream,
+) -> AsyncIterator[tuple[AgentClient, AgentClient]]:
+    lean = AgentClient(base_url=tls_fake.base_url, api_key=None, model="m")
+    plain = AgentClient(base_url=tls_fake.base_url, api_key=None, model="m", lean_reads=False)
+    assert lean.lean_reads_active and not plain.lean_reads_active
+    yield lean, plain
+    await lean.aclose()
+    await plain.aclose()
+
+
+@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
+async def test_a_recording_streams_the_same_over_tls_with_lean_reads_and_without(
+    tls_fake: FakeUpstream, both_tls_clients: tuple[AgentClient, AgentClient], path: Path
+) -> None:
+    lean, plain = both_tls_clients
+    tls_fake.enqueue(RecordingReply(path), RecordingReply(path))
+    with_lean = await _events(lean)
+    assert _normalised(with_lean) == _normalised(await _events(plain))
+    assert isinstance(with_lean[-1], Completed) or path.stem.startswith(("06", "07"))
+
+
+async def test_a_long_burst_streams_the_same_over_tls_with_lean_reads_and_without(
+    tls_fake: FakeUpstream, both_tls_clients: tuple[AgentClient, AgentClient]
+) -> None:
+    # About 1 MB: TLS records of up to 16 KB, several per read of either path.
+    words = [f"word{n} " for n in range(5_000)]
+    lean, plain = both_tls_clients
+    tls_fake.enqueue(_BurstReply(words), _BurstReply(words))
+    with_lean = await _events(lean)
+    assert _text(with_lean) == "".join(words)
+    assert _normalised(with_lean) == _normalised(await _events(plain))
+
+
+async def test_a_tls_body_cut_short_fails_as_over_plain_httpx(
+    tls_fake: FakeUpstream, both_tls_clients: tuple[AgentClient, AgentClient]
+) -> None:
+    # The fake closes the TCP connection without close_notify inside the chunked body:
+    # a ragged EOF, read as EOF (https_compatible), which the framing shows as truncated.
+    outcomes: list[tuple[str, str]] = []
+    for agent in both_tls_clients:
+        tls_fake.enqueue(DropReply(["partial"]))
+        seen: list[AgentEvent] = []
+        with pytest.raises(UpstreamError) as caught, trio.fail_after(IO_LIMIT_S):
+            async with agent.stream(REQUEST) as events:
+                async for event in events:
+                    seen.append(event)
+        outcomes.append((caught.value.kind, _text(seen)))
+    assert outcomes == [("connect", "partial")] * 2
+
+
+async def test_an_untrusted_certificate_is_refused_and_leaks_no_socket(
+    tls_fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE")  # the system's CAs only: the fake's is unknown
+    made: list[_LeanTLSStream] = []
+    make = _LeanTLSStream.__init__
+
+    def recording_init(self: _LeanTLSStream, tls: ssl.SSLSocket) -> None:
+        make(self, tls)
+        made.append(self)
+
+    monkeypatch.setattr(_LeanTLSStream, "__init__", recording_init)
+    agent = AgentClient(base_url=tls_fake.base_url, api_key=None, model="m", max_attempts=1)
+    assert agent.lean_reads_active
+    try:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await _events(agent)
+    finally:
+        await agent.aclose()
+    assert caught.value.kind == "connect"
+    assert len(made) == 1
+    assert made[0].get_extra_info("socket").fileno() == -1  # closed by the failed handshake
+    assert tls_fake.requests == []
+
+
+async def test_a_timed_tls_read_times_out_as_httpcore_says(tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        with trio.fail_after(IO_LIMIT_S):
+            tcp = await _LeanReadBackend().connect_tcp("127.0.0.1", port)
+            peer = trio.SSLStream(await listeners[0].accept(), server_context, server_side=True)
+            async with trio.open_nursery() as both:
+                both.start_soon(peer.do_handshake)
+                context = ssl.create_default_context(cafile=str(cert))
+                ours = await tcp.start_tls(context, "127.0.0.1", timeout=IO_LIMIT_S)
+            assert isinstance(ours, _LeanTLSStream)
+            await peer.send_all(b"early")
+            assert await ours.read(100, timeout=IO_LIMIT_S) == b"early"
+            with pytest.raises(httpcore.ReadTimeout):
+                await ours.read(100, timeout=0.05)
+            await ours.write(b"ping", timeout=IO_LIMIT_S)
+            assert await peer.receive_some(100) == b"ping"
+            assert not ours.get_extra_info("is_readable")
+            await ours.aclose()
+            with pytest.raises(trio.BrokenResourceError):  # closed without close_notify
+                await peer.receive_some(100)
+
+
+async def test_a_silent_tls_peer_times_the_handshake_out_and_closes_the_socket(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    cert, _ = self_signed_cert(tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    async with listeners[0]:
+        with trio.fail_after(IO_LIMIT_S):
+            tcp = await _LeanReadBackend().connect_tcp("127.0.0.1", port)
+            async with await listeners[0].accept() as peer:
+                with pytest.raises(httpcore.ConnectTimeout):
+                    await tcp.start_tls(context, "127.0.0.1", timeout=0.05)
+                # Our side is closed: the peer reads the ClientHello, then EOF.
+                while await peer.receive_some(65536):
+                    pass
+
+
+async def test_stop_closes_an_https_upstream_within_100ms(
+    tls_fake: FakeUpstream, start_server: Callable[..., Awaitable[ChatServer]]
+) -> None:
+    # The whole server over an HTTPS upstream: the answer streams, stop cancels the
+    # turn's scope, and the lean TLS connection closes with it.
+    server = await start_server(upstream_url=tls_fake.base_url)
+    assert server.agent.lean_reads_active == server.config.fast_paths
+    tls_fake.enqueue(TextReply([f"w{n} " for n in range(200)], delay_s=0.05))
+    async with open_chat(server) as client:
+        await client.send(type="message", content="talk a lot")
+        await client.receive_until("text_delta")
+        await client.receive_until("text_delta")
+        stopped_at = trio.current_time()
+        await client.send(type="stop")
+        end = (await client.receive_until("response_end"))[-1]
+        upstream = tls_fake.requests[0]
+        with trio.fail_after(2):
+            await upstream.closed.wait()
+    assert upstream.client_closed_at is not None
+    assert upstream.client_closed_at - stopped_at < 0.1
+    assert end["status"] == "stopped"
+    assert end["full_content"].startswith("w0 w1 ")
