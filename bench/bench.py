@@ -120,8 +120,12 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
     ("tls_relay_cpu_s_per_1000_deltas", "tls phase: CPU per 1,000 deltas, HTTPS upstream",
      "s", None),
     ("tls_to_plain_cpu", "tls phase: HTTPS / plain CPU (same window)", "x", 1.25),
-    ("tls_latency_p99_ms", "tls phase: added latency p99, HTTPS upstream", "ms", 10.0),
-    ("tls_stall_relay_ms", "tls phase: max loop stall, HTTPS upstream", "ms", 20.0),
+    # Two servers, 400 streams and a fake doing TLS share the machine in this phase:
+    # its latency and stalls are shown, the targets are the relay phase's.
+    ("tls_latency_p99_ms", "tls phase: added latency p99, HTTPS upstream", "ms", None),
+    ("tls_stall_relay_ms", "tls phase: max loop stall, HTTPS upstream", "ms", None),
+    ("max_pass_cpu_tls_relay_ms", "tls phase: max CPU in one loop pass, HTTPS upstream", "ms",
+     None),
     ("stall_max_ms", "max loop stall: whole run", "ms", 20.0),
 ]
 

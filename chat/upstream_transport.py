@@ -382,10 +382,8 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
         raise NotImplementedError
 
     async def _after_burst(self, data: bytes) -> bytes:
-        """``data``, once the loop pass has room for it: a read of a burst (at least
-        BURST_READ_BYTES) waits for the next pass when this one has run its budget."""
-        if len(data) < BURST_READ_BYTES:
-            return data
+        """``data``, a burst (a read of at least BURST_READ_BYTES), once the loop pass has
+        room for it: it waits for the next pass when this one has run its budget."""
         # Only bursts consult the pass clock (and install it, on first use). The data
         # waits in _unread, so a cancelled wait loses none of it.
         loop_pass = _loop_pass_clock()
@@ -430,7 +428,7 @@ class _LeanTCPStream(_LeanReadStream):
         except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
         self._drained = len(data) < read_bytes
-        return await self._after_burst(data)
+        return await self._after_burst(data) if len(data) >= BURST_READ_BYTES else data
 
     async def _write_network(
         self,
@@ -549,7 +547,7 @@ class _LeanTLSStream(_LeanReadStream):
         # OpenSSL reads a socket one record at a time (read_ahead is off), so "the
         # socket is readable" and "OpenSSL holds decrypted bytes" (pending) cover all.
         self._drained = len(data) < read_bytes and not tls.pending()
-        return await self._after_burst(data)
+        return await self._after_burst(data) if len(data) >= BURST_READ_BYTES else data
 
     async def _write_network(
         self,
