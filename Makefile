@@ -35,7 +35,7 @@ services:
 # library paths they replace stay tested (docs/operations.md, "Fast paths").
 CORE_TESTS := tests/test_chat.py tests/test_auth.py tests/test_bad_input.py tests/test_tools.py \
 	tests/test_limits.py tests/test_heartbeat.py tests/test_upstream_faults.py tests/test_resume.py \
-	tests/test_hostile.py tests/test_sessions_api.py tests/test_instances.py
+	tests/test_hostile.py tests/test_sessions_api.py tests/test_instances.py tests/test_chain_ignored.py
 
 test: lint browser services
 	$(PY) -m pytest -q
