@@ -329,6 +329,8 @@ class _LeanReadStream(httpcore.AsyncNetworkStream):
     """
 
     def __init__(self) -> None:
+        # The last network read emptied the connection: the next waits for it first.
+        self._drained = True
         self._unread = b""  # read from the network, not yet returned
         self._in_head = False  # reads stop at the end of a response head
         self._head_end = _HeadEnd()
@@ -405,7 +407,6 @@ class _LeanTCPStream(_LeanReadStream):
         self._inner = inner
         # The socket's descriptor while it is open (-1 once closed: read through httpcore).
         self._fd: int = inner.get_extra_info("socket").fileno()
-        self._drained = True
 
     async def _read_network(
         self,
@@ -476,7 +477,6 @@ class _LeanTLSStream(_LeanReadStream):
     def __init__(self, tls: ssl.SSLSocket) -> None:
         super().__init__()
         self._tls = tls
-        self._drained = True
 
     @classmethod
     async def handshake(

@@ -780,21 +780,24 @@ async def test_cancel_during_retry_backoff_stops_retrying(
 # --- the offline demo model ----------------------------------------------------------------
 
 
-async def test_demo_model_streams_text_and_completes() -> None:
+@pytest.fixture
+async def demo_agent() -> AsyncIterator[AgentClient]:
     agent = AgentClient(
         base_url="http://demo.invalid/v1",
         api_key=None,
         model="demo",
         transport=DemoModelTransport(word_interval_s=0.001),
     )
+    yield agent
+    await agent.aclose()
+
+
+async def test_demo_model_streams_text_and_completes(demo_agent: AgentClient) -> None:
     request = ResponseRequest(
         input=[{"role": "user", "content": [{"type": "input_text", "text": "ping?"}]}],
         instructions="",
     )
-    try:
-        events = await collect(agent, request)
-    finally:
-        await agent.aclose()
+    events = await collect(demo_agent, request)
     started, last = events[0], events[-1]
     assert isinstance(started, ResponseStarted) and started.response_id.startswith("resp_demo_")
     assert last == Completed(started.response_id)
@@ -803,28 +806,19 @@ async def test_demo_model_streams_text_and_completes() -> None:
     assert sum(isinstance(e, TextDelta) for e in events) > 5
 
 
-async def test_demo_model_echoes_the_chain_so_chaining_goes_on() -> None:
+async def test_demo_model_echoes_the_chain_so_chaining_goes_on(demo_agent: AgentClient) -> None:
     # Like the real API: a demo session's second turn is chained, and stays chained.
-    agent = AgentClient(
-        base_url="http://demo.invalid/v1",
-        api_key=None,
-        model="demo",
-        transport=DemoModelTransport(word_interval_s=0.001),
-    )
     request = ResponseRequest(
         input=[{"role": "user", "content": "again"}],
         instructions="",
         previous_response_id="resp_demo_first",
     )
-    try:
-        events = await collect(agent, request)
-    finally:
-        await agent.aclose()
+    events = await collect(demo_agent, request)
     started = events[0]
     assert isinstance(started, ResponseStarted)
     assert started.previous_response_id == "resp_demo_first"
     assert isinstance(events[-1], Completed)
-    assert agent.chaining_active
+    assert demo_agent.chaining_active
 
 
 async def test_a_completed_stream_returns_its_connection_to_the_pool(

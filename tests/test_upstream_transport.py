@@ -55,7 +55,6 @@ from chat.upstream_transport import (
     ChunkedBodyDecoder,
     LeanReadTransport,
     _LeanReadBackend,
-    _LeanReadStream,
     _LeanTCPStream,
     _LeanTLSStream,
     _loop_pass_clock,
@@ -196,14 +195,39 @@ def test_the_body_is_handed_over_whole_however_the_response_is_cut(cuts: list[in
     trio.run(exchange)
 
 
+@pytest.fixture(params=["http", "https"])
+async def upstream(
+    request: pytest.FixtureRequest,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> FakeUpstream:
+    """The fake upstream, keeping connections alive, over plain HTTP and over HTTPS
+    (``indirect`` parametrizing picks one). On HTTPS its certificate is trusted as in
+    production: through SSL_CERT_FILE, read when an AgentClient (or httpx context) is
+    made."""
+    context = None
+    if request.param == "https":
+        cert, key = self_signed_cert(tmp_path)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    served: FakeUpstream = await nursery.start(
+        FakeUpstream(keep_alive=True, ssl_context=context).serve
+    )
+    assert served.base_url.startswith(f"{request.param}://127.0.0.1:")
+    return served
+
+
 async def test_httpcore_reads_our_connection_untimed_hands_the_body_over_and_pools_it(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # httpcore must (a) give our stream as the network_stream extension, (b) read it
     # with timeout=None when httpx's read timeout is None (so no read goes through
-    # httpcore's own read path), (c) let h11 see no body data, and (d) read the end of
-    # the message we gave back, so the connection serves the next request.
-    upstream = await nursery.start(FakeUpstream(keep_alive=True).serve)
+    # httpcore's own read path, nor, over TLS, through trio's SSLStream), (c) let h11
+    # see no body data, and (d) read the end of the message we gave back, so the
+    # connection serves the next request.
+    ours = _LeanTLSStream if upstream.base_url.startswith("https:") else _LeanTCPStream
     upstream.enqueue(TextReply(["Hel", "lo"], response_id="resp_t"), TextReply(["again"]))
     inner_reads = 0
     body_through_h11 = 0
@@ -234,7 +258,11 @@ async def test_httpcore_reads_our_connection_untimed_hands_the_body_over_and_poo
             for _ in range(2):
                 request = client.build_request("POST", f"{upstream.base_url}/responses", json={})
                 response = await client.send(request, stream=True)
-                assert isinstance(response.extensions["network_stream"], _LeanReadStream)
+                stream = response.extensions["network_stream"]
+                assert isinstance(stream, ours)
+                if ours is _LeanTLSStream:
+                    tls_version = stream.get_extra_info("ssl_object").version()
+                    assert tls_version in ("TLSv1.2", "TLSv1.3")
                 bodies.append(b"".join([chunk async for chunk in body_chunks(response)]))
                 assert response.is_closed  # read to its end through httpcore
     assert body_through_h11 == 0
@@ -342,9 +370,11 @@ def _normalised(events: list[AgentEvent]) -> list[AgentEvent]:
 
 
 @pytest.fixture
-async def both_clients(fake: FakeUpstream) -> AsyncIterator[tuple[AgentClient, AgentClient]]:
-    lean = AgentClient(base_url=fake.base_url, api_key=None, model="m")
-    plain = AgentClient(base_url=fake.base_url, api_key=None, model="m", lean_reads=False)
+async def both_clients(
+    upstream: FakeUpstream,
+) -> AsyncIterator[tuple[AgentClient, AgentClient]]:
+    lean = AgentClient(base_url=upstream.base_url, api_key=None, model="m")
+    plain = AgentClient(base_url=upstream.base_url, api_key=None, model="m", lean_reads=False)
     assert lean.lean_reads_active and not plain.lean_reads_active
     yield lean, plain
     await lean.aclose()
@@ -353,10 +383,10 @@ async def both_clients(fake: FakeUpstream) -> AsyncIterator[tuple[AgentClient, A
 
 @pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
 async def test_a_recording_streams_the_same_with_lean_reads_and_without(
-    fake: FakeUpstream, both_clients: tuple[AgentClient, AgentClient], path: Path
+    upstream: FakeUpstream, both_clients: tuple[AgentClient, AgentClient], path: Path
 ) -> None:
     lean, plain = both_clients
-    fake.enqueue(RecordingReply(path), RecordingReply(path))
+    upstream.enqueue(RecordingReply(path), RecordingReply(path))
     with_lean = await _events(lean)
     assert _normalised(with_lean) == _normalised(await _events(plain))
     assert isinstance(with_lean[-1], Completed) or path.stem.startswith(("06", "07"))
@@ -376,12 +406,13 @@ class _BurstReply:
 
 
 async def test_a_long_burst_streams_the_same_with_lean_reads_and_without(
-    fake: FakeUpstream, both_clients: tuple[AgentClient, AgentClient]
+    upstream: FakeUpstream, both_clients: tuple[AgentClient, AgentClient]
 ) -> None:
-    # About 1 MB: many reads of either path (16 KB lean, 64 KB through httpx).
+    # About 1 MB: many reads of either path (16 KB lean, 64 KB through httpx); over TLS,
+    # records of up to 16 KB, several per read.
     words = [f"word{n} " for n in range(5_000)]
     lean, plain = both_clients
-    fake.enqueue(_BurstReply(words), _BurstReply(words))
+    upstream.enqueue(_BurstReply(words), _BurstReply(words))
     with_lean = await _events(lean)
     assert _text(with_lean) == "".join(words)
     assert _normalised(with_lean) == _normalised(await _events(plain))
@@ -531,112 +562,18 @@ async def test_a_closed_response_is_freed_by_reference_counting_only_when_we_bre
 # --- TLS: the stdlib's SSLSocket under the same read path ----------------------------------
 
 
-@pytest.fixture
-async def tls_fake(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> FakeUpstream:
-    """The fake upstream on HTTPS, its certificate trusted as in production: through
-    SSL_CERT_FILE, read when an AgentClient (or httpx context) is made."""
-    cert, key = self_signed_cert(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    upstream: FakeUpstream = await nursery.start(
-        FakeUpstream(keep_alive=True, ssl_context=context).serve
-    )
-    assert upstream.base_url.startswith("https://127.0.0.1:")
-    return upstream
+HTTPS = pytest.mark.parametrize("upstream", ["https"], indirect=True)
 
 
-async def test_httpcore_reads_our_tls_connection_untimed_hands_the_body_over_and_pools_it(
-    tls_fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # As for plain TCP, and no read goes through trio's SSLStream or httpcore's stream.
-    tls_fake.enqueue(TextReply(["Hel", "lo"], response_id="resp_t"), TextReply(["again"]))
-    layered_reads = 0
-    body_through_h11 = 0
-    trio_read = TrioStream.read
-    next_event = h11.Connection.next_event
-
-    async def counting_read(self: TrioStream, *args: Any, **kwargs: Any) -> bytes:
-        nonlocal layered_reads
-        layered_reads += 1
-        return await trio_read(self, *args, **kwargs)
-
-    def counting_event(self: h11.Connection) -> Any:
-        nonlocal body_through_h11
-        event = next_event(self)
-        body_through_h11 += self.our_role is h11.CLIENT and isinstance(event, h11.Data)
-        return event
-
-    monkeypatch.setattr(TrioStream, "read", counting_read)
-    monkeypatch.setattr(h11.Connection, "next_event", counting_event)
-    tls = httpx.create_ssl_context()
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=4)
-    async with httpx.AsyncClient(
-        mounts={"all://": LeanReadTransport(tls, limits)},
-        timeout=httpx.Timeout(IO_LIMIT_S, read=None),
-    ) as client:
-        bodies: list[bytes] = []
-        with trio.fail_after(IO_LIMIT_S):
-            for _ in range(2):
-                request = client.build_request("POST", f"{tls_fake.base_url}/responses", json={})
-                response = await client.send(request, stream=True)
-                stream = response.extensions["network_stream"]
-                assert isinstance(stream, _LeanTLSStream)
-                assert stream.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
-                bodies.append(b"".join([chunk async for chunk in body_chunks(response)]))
-                assert response.is_closed  # read to its end through httpcore
-    assert body_through_h11 == 0
-    assert layered_reads == 0
-    sent = text_response_events("resp_t", FAKE_MODEL, ["Hel", "lo"])
-    assert bodies[0] == b"".join(encode_sse(event) for event in sent)
-    assert tls_fake.connections_accepted == 1
-
-
-@pytest.fixture
-async def both_tls_clients(
-    tls_fake: FakeUpstream,
-) -> AsyncIterator[tuple[AgentClient, AgentClient]]:
-    lean = AgentClient(base_url=tls_fake.base_url, api_key=None, model="m")
-    plain = AgentClient(base_url=tls_fake.base_url, api_key=None, model="m", lean_reads=False)
-    assert lean.lean_reads_active and not plain.lean_reads_active
-    yield lean, plain
-    await lean.aclose()
-    await plain.aclose()
-
-
-@pytest.mark.parametrize("path", RECORDINGS, ids=lambda p: p.stem)
-async def test_a_recording_streams_the_same_over_tls_with_lean_reads_and_without(
-    tls_fake: FakeUpstream, both_tls_clients: tuple[AgentClient, AgentClient], path: Path
-) -> None:
-    lean, plain = both_tls_clients
-    tls_fake.enqueue(RecordingReply(path), RecordingReply(path))
-    with_lean = await _events(lean)
-    assert _normalised(with_lean) == _normalised(await _events(plain))
-    assert isinstance(with_lean[-1], Completed) or path.stem.startswith(("06", "07"))
-
-
-async def test_a_long_burst_streams_the_same_over_tls_with_lean_reads_and_without(
-    tls_fake: FakeUpstream, both_tls_clients: tuple[AgentClient, AgentClient]
-) -> None:
-    # About 1 MB: TLS records of up to 16 KB, several per read of either path.
-    words = [f"word{n} " for n in range(5_000)]
-    lean, plain = both_tls_clients
-    tls_fake.enqueue(_BurstReply(words), _BurstReply(words))
-    with_lean = await _events(lean)
-    assert _text(with_lean) == "".join(words)
-    assert _normalised(with_lean) == _normalised(await _events(plain))
-
-
+@HTTPS
 async def test_a_tls_body_cut_short_fails_as_over_plain_httpx(
-    tls_fake: FakeUpstream, both_tls_clients: tuple[AgentClient, AgentClient]
+    upstream: FakeUpstream, both_clients: tuple[AgentClient, AgentClient]
 ) -> None:
     # The fake closes the TCP connection without close_notify inside the chunked body:
     # a ragged EOF, read as EOF (https_compatible), which the framing shows as truncated.
     outcomes: list[tuple[str, str]] = []
-    for agent in both_tls_clients:
-        tls_fake.enqueue(DropReply(["partial"]))
+    for agent in both_clients:
+        upstream.enqueue(DropReply(["partial"]))
         seen: list[AgentEvent] = []
         with pytest.raises(UpstreamError) as caught, trio.fail_after(IO_LIMIT_S):
             async with agent.stream(REQUEST) as events:
@@ -646,8 +583,9 @@ async def test_a_tls_body_cut_short_fails_as_over_plain_httpx(
     assert outcomes == [("connect", "partial")] * 2
 
 
+@HTTPS
 async def test_an_untrusted_certificate_is_refused_and_leaks_no_socket(
-    tls_fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("SSL_CERT_FILE")  # the system's CAs only: the fake's is unknown
     made: list[_LeanTLSStream] = []
@@ -658,7 +596,7 @@ async def test_an_untrusted_certificate_is_refused_and_leaks_no_socket(
         made.append(self)
 
     monkeypatch.setattr(_LeanTLSStream, "__init__", recording_init)
-    agent = AgentClient(base_url=tls_fake.base_url, api_key=None, model="m", max_attempts=1)
+    agent = AgentClient(base_url=upstream.base_url, api_key=None, model="m", max_attempts=1)
     assert agent.lean_reads_active
     try:
         with pytest.raises(UpstreamUnavailable) as caught:
@@ -668,7 +606,7 @@ async def test_an_untrusted_certificate_is_refused_and_leaks_no_socket(
     assert caught.value.kind == "connect"
     assert len(made) == 1
     assert made[0].get_extra_info("socket").fileno() == -1  # closed by the failed handshake
-    assert tls_fake.requests == []
+    assert upstream.requests == []
 
 
 async def test_a_timed_tls_read_times_out_as_httpcore_says(tmp_path: Path) -> None:
@@ -716,14 +654,15 @@ async def test_a_silent_tls_peer_times_the_handshake_out_and_closes_the_socket(
                     pass
 
 
+@HTTPS
 async def test_stop_closes_an_https_upstream_within_100ms(
-    tls_fake: FakeUpstream, start_server: Callable[..., Awaitable[ChatServer]]
+    upstream: FakeUpstream, start_server: Callable[..., Awaitable[ChatServer]]
 ) -> None:
     # The whole server over an HTTPS upstream: the answer streams, stop cancels the
     # turn's scope, and the lean TLS connection closes with it.
-    server = await start_server(upstream_url=tls_fake.base_url)
+    server = await start_server(upstream_url=upstream.base_url)
     assert server.agent.lean_reads_active == server.config.fast_paths
-    tls_fake.enqueue(TextReply([f"w{n} " for n in range(200)], delay_s=0.05))
+    upstream.enqueue(TextReply([f"w{n} " for n in range(200)], delay_s=0.05))
     async with open_chat(server) as client:
         await client.send(type="message", content="talk a lot")
         await client.receive_until("text_delta")
@@ -731,10 +670,10 @@ async def test_stop_closes_an_https_upstream_within_100ms(
         stopped_at = trio.current_time()
         await client.send(type="stop")
         end = (await client.receive_until("response_end"))[-1]
-        upstream = tls_fake.requests[0]
+        exchange = upstream.requests[0]
         with trio.fail_after(2):
-            await upstream.closed.wait()
-    assert upstream.client_closed_at is not None
-    assert upstream.client_closed_at - stopped_at < 0.1
+            await exchange.closed.wait()
+    assert exchange.client_closed_at is not None
+    assert exchange.client_closed_at - stopped_at < 0.1
     assert end["status"] == "stopped"
     assert end["full_content"].startswith("w0 w1 ")
