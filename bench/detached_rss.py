@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import queue
 import re
-import resource
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +51,11 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, Request, TextMessage
 
+# bench/bench.py, from this script's folder: its process and /proc helpers.
+from bench import LISTENING_RE, Child, raise_fd_limit, rss_kb
+
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = BENCH_DIR.parent
-LISTENING_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 START_TIMEOUT_S = 30.0
 # Handshake, `connected`, the first delta: per client, on a loaded 2-core machine.
 CLIENT_TIMEOUT_S = 30.0
@@ -76,61 +76,17 @@ def log(message: str) -> None:
     print(f"[detached_rss {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def raise_fd_limit(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 # ----------------------------------------------------------------------------- children
-
-
-class Child:
-    """A child process in its own group, its stderr to a file; killed by `kill`."""
-
-    def __init__(self, name: str, argv: list[str], work: Path) -> None:
-        self.name = name
-        self.stderr_path = work / f"{name}.stderr"
-        with self.stderr_path.open("wb") as stderr:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=PROJECT_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name} (pid {self.proc.pid}) did not die")
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 async def start_fake(work: Path, children: list[Child]) -> int:
     fake = Child("fake", [sys.executable, str(BENCH_DIR / "fake_upstream.py")], work)
     children.append(fake)
-    assert fake.proc.stdout is not None
-    stdout = fake.proc.stdout
-    with trio.fail_after(START_TIMEOUT_S):
-        line = await trio.to_thread.run_sync(stdout.readline)
-    if not line.startswith(b"fake listening on "):
+    try:
+        line = await trio.to_thread.run_sync(partial(fake.lines.get, timeout=START_TIMEOUT_S))
+    except queue.Empty:
+        line = None
+    if line is None or not line.startswith("fake listening on "):
         raise RuntimeError(f"fake upstream did not start; see {fake.stderr_path}")
     return int(line.split()[-1])
 

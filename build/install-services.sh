@@ -20,18 +20,6 @@ if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then
-        SUDO="sudo"
-    else
-        echo "install-services: need root (or sudo) to apt-get install ${missing[*]}" >&2
-        exit 1
-    fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq "${missing[@]}"
+bash "$(dirname "$0")/apt-install.sh" install-services "${missing[@]}"
 compgen -G "/usr/lib/postgresql/*/bin/postgres" | tail -n 1
 command -v redis-server
