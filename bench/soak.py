@@ -66,6 +66,7 @@ CONNECT_TIMEOUT_S = 20.0
 ACTION_TIMEOUT_S = 30.0
 # After the last client left, how long the server may take to release its fds.
 SETTLE_TIMEOUT_S = 15.0
+WARM_RE = re.compile(r"warm-up done")
 LISTENING_RE = re.compile(r"listening on http://[^\s:]+:(\d+)")
 
 
@@ -336,12 +337,14 @@ async def soak(duration_s: float, clients: int, seed: int) -> dict[str, Any]:
                     "--heartbeat-interval",
                     "10",
                     "--log-level",
-                    "WARNING",
+                    "INFO",
                 ],
                 "server",
             )
-            # The listening line is INFO; with --log-level WARNING, probe the port instead.
-            port = await _server_port(server)
+            port = int((await server.wait_for(LISTENING_RE)).group(1))
+            # Descriptors are counted once the warm-up has ended (INFO, as the listening
+            # line): its imports in a worker thread hold a file open for a moment.
+            await server.wait_for(WARM_RE)
             pid = server.process.pid
             started = trio.current_time()
             fds_start, rss_start = _fd_count(pid), _rss_kb(pid)
@@ -403,35 +406,6 @@ async def soak(duration_s: float, clients: int, seed: int) -> dict[str, Any]:
         "server_exit_code": exit_code,
         "server_tracebacks": server_log.count("Traceback"),
     }
-
-
-async def _server_port(server: Child) -> int:
-    """The server's port: from /proc/PID/net (its listening socket), polled briefly."""
-    pid = server.process.pid
-    with trio.fail_after(START_TIMEOUT_S):
-        while True:
-            if server.process.returncode is not None:
-                raise RuntimeError(f"server exited:\n{server.output.decode()[-3000:]}")
-            port = _listening_port(pid)
-            if port is not None:
-                return port
-            await trio.sleep(0.1)
-
-
-def _listening_port(pid: int) -> int | None:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
-        parts = line.split()
-        if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
-            return int(parts[1].split(":")[1], 16)
-    return None
 
 
 def _print_report(report: dict[str, Any]) -> None:
